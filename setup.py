@@ -1,0 +1,18 @@
+from setuptools import setup
+
+setup(
+    name="shakespeare-gpt",
+    version="0.1.0",
+    description="A small, hackable GPT trained on Shakespeare, with a fused causal-attention Triton kernel",
+    packages=["kernels", "gpt", "bench"],
+    python_requires=">=3.10",
+    # torch is a range so that an already installed build (e.g. the CPU wheel torch==2.13.0) is kept.
+    install_requires=["torch>=2.4", "triton", "tqdm", "matplotlib", "numpy"],
+    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    entry_points={
+        "console_scripts": [
+            "gpt-train=gpt.train:main",
+            "gpt-sample=gpt.sample:main",
+        ]
+    },
+)
