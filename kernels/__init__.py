@@ -1,0 +1,54 @@
+"""Causal attention behind one function, with interchangeable backends.
+
+    out = kernels.attention(q, k, v, causal=True, backend="triton")
+
+q is (batch, heads, q_len, head_dim); k and v are (batch, heads, kv_len, head_dim).
+Backends:
+    reference  plain PyTorch with an explicit mask (runs anywhere, O(T^2) memory)
+    sdpa       torch.nn.functional.scaled_dot_product_attention
+    triton     our fused FlashAttention-2-style kernel (interpreted, slowly, without CUDA)
+    auto       triton on CUDA, reference elsewhere
+"""
+import torch
+
+from . import reference, sdpa
+from .checks import check_attention_inputs
+
+BACKENDS = ("reference", "sdpa", "triton")
+
+
+def _triton_attention(q, k, v, *, causal, scale):
+    # Imported on first use: the module decides at import time whether Triton must run
+    # through its CPU interpreter, and importing Triton is slow.
+    from . import triton_attention
+
+    return triton_attention.attention(q, k, v, causal=causal, scale=scale)
+
+
+_IMPLEMENTATIONS = {
+    "reference": reference.attention,
+    "sdpa": sdpa.attention,
+    "triton": _triton_attention,
+}
+
+
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """Turn "auto" into a concrete backend name for `device`; reject unknown names."""
+    if backend == "auto":
+        return "triton" if torch.device(device).type == "cuda" else "reference"
+    if backend not in _IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS + ('auto',))}")
+    return backend
+
+
+def attention(q, k, v, *, causal: bool = True, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Scaled dot-product attention; returns (batch, heads, q_len, head_dim).
+
+    causal: query i sees keys j <= i + kv_len - q_len (bottom-right aligned).
+    scale:  multiplies q k^T; defaults to 1/sqrt(head_dim).
+    """
+    name = resolve_backend(backend, q.device if isinstance(q, torch.Tensor) else "cpu")
+    check_attention_inputs(q, k, v, causal)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return _IMPLEMENTATIONS[name](q, k, v, causal=causal, scale=float(scale))

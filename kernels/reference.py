@@ -1,0 +1,29 @@
+"""Attention written out in plain PyTorch: the readable ground truth.
+
+Every other backend is tested against this one (computed in float64). It
+materializes the full (q_len, kv_len) score matrix, so memory grows as O(T^2).
+"""
+import torch
+
+
+def causal_mask(q_len: int, kv_len: int, device=None) -> torch.Tensor:
+    """Bool mask of shape (q_len, kv_len), True where query i may attend to key j.
+
+    The mask is aligned bottom-right: the last query sits at the last key. With a
+    KV cache, the q_len new queries are the *last* q_len positions of a sequence
+    of kv_len tokens, so query i is at absolute position i + (kv_len - q_len) and
+    may see every key up to and including that position.
+    """
+    query_pos = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)  # (q_len, 1)
+    key_pos = torch.arange(kv_len, device=device)[None, :]  # (1, kv_len)
+    return key_pos <= query_pos
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float) -> torch.Tensor:
+    """softmax(scale * q k^T + mask) v, for q (B, H, Tq, D) and k, v (B, H, Tk, D)."""
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk): how much each query matches each key
+    if causal:
+        allowed = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+        scores = scores.masked_fill(~allowed, float("-inf"))  # exp(-inf) = 0: future keys get no weight
+    weights = torch.softmax(scores, dim=-1)  # each row sums to 1
+    return weights @ v  # (B, H, Tq, D): weighted average of the values
