@@ -1,0 +1,281 @@
+"""A decoder-only transformer language model, written from first principles.
+
+Reading order, top to bottom:
+    GPTConfig                 every size and switch of the model in one dataclass
+    PositionalEmbedding       tells the model *where* each token is (learned or sinusoidal)
+    CausalSelfAttention       each position gathers information from earlier positions
+    MLP                       each position thinks on its own about what it gathered
+    Block                     attention + MLP, each in a pre-LayerNorm residual branch
+    GPT                       embeddings -> blocks -> final norm -> LM head; loss; generate()
+
+Attention itself is one call, `kernels.attention(q, k, v, causal=..., backend=...)`: the
+model never looks at which backend runs it.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 34_216  # distinct word-level tokens in the Complete Works
+    block_size: int = 128  # longest context the model can see (positions 0..block_size-1)
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    dropout: float = 0.0
+    attn: str = "auto"  # attention backend: reference | sdpa | triton | auto (kernels.BACKENDS)
+    pos_embedding: str = "learned"  # learned | sinusoidal | none
+    head: str = "full"  # full: Linear to every word; adaptive: nn.AdaptiveLogSoftmaxWithLoss
+    adaptive_cutoffs: list[int] = field(default_factory=lambda: [2_000, 10_000])  # frequency-sorted ids
+    tie_embeddings: bool = False  # share the token embedding with the (full) LM head
+    # Switches for experiments (docs/first_principles.md); the defaults are the standard transformer.
+    causal: bool = True  # False removes the mask: a debugging control that lets positions see the future
+    residual: bool = True  # False: x = f(x) instead of x = x + f(x)
+    layer_norm: bool = True  # False: no LayerNorm before each branch nor at the end
+    share_blocks: bool = False  # True: one Block's weights reused n_layer times
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        if self.pos_embedding not in ("learned", "sinusoidal", "none"):
+            raise ValueError(f"pos_embedding must be learned, sinusoidal or none, got {self.pos_embedding!r}")
+        if self.head not in ("full", "adaptive"):
+            raise ValueError(f"head must be full or adaptive, got {self.head!r}")
+        if self.head == "adaptive" and self.tie_embeddings:
+            raise ValueError("tie_embeddings needs head='full': the adaptive head has no (vocab, d_model) matrix")
+        if self.head == "adaptive" and not 0 < min(self.adaptive_cutoffs) <= max(self.adaptive_cutoffs) < self.vocab_size:
+            raise ValueError(f"adaptive_cutoffs {self.adaptive_cutoffs} must lie inside (0, vocab_size={self.vocab_size})")
+        kernels.resolve_backend(self.attn, "cpu")  # fail early on an unknown backend name
+
+
+class PositionalEmbedding(nn.Module):
+    """Maps positions 0..T-1 to vectors added to the token embeddings.
+
+    Attention itself is blind to order (it is a weighted sum over a set), so without this the
+    model could not tell "dog bites man" from "man bites dog" beyond what the mask reveals.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.kind = config.pos_embedding
+        if self.kind == "learned":
+            self.table = nn.Embedding(config.block_size, config.d_model)
+        elif self.kind == "sinusoidal":
+            # Vaswani et al.: dimension pair (2i, 2i+1) is a sine/cosine of frequency 1/10000^(2i/d).
+            position = torch.arange(config.block_size, dtype=torch.float32)[:, None]  # (block_size, 1)
+            frequency = torch.exp(torch.arange(0, config.d_model, 2) * (-math.log(10_000.0) / config.d_model))
+            table = torch.zeros(config.block_size, config.d_model)
+            table[:, 0::2] = torch.sin(position * frequency)
+            table[:, 1::2] = torch.cos(position * frequency)
+            self.register_buffer("table_fixed", table, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor | float:
+        if self.kind == "learned":
+            return self.table(positions)  # (T, d_model)
+        if self.kind == "sinusoidal":
+            return self.table_fixed[positions]  # (T, d_model)
+        return 0.0  # "none": the model gets no position information at all
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one (k, v) pair per layer.
+
+    With it, generating token t+1 only computes q, k, v for token t and attends over the cached
+    keys: O(T) work per new token instead of recomputing the whole O(T^2) prefix.
+    """
+
+    def __init__(self, n_layer: int):
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[-2]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add this step's k, v (B, H, T_new, D) for `layer`; return all keys and values so far."""
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=-2)
+            v = torch.cat([self.values[layer], v], dim=-2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention where each position attends only to itself and earlier positions."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.causal = config.causal
+        self.attn_backend = config.attn
+        # One matmul makes queries, keys and values for all heads at once.
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.proj.is_residual_projection = True  # scaled init, see GPT._init_weights
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        # (B, T, 3C) -> (B, T, 3, H, D) -> three (B, H, T, D) views into the same memory
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).unbind(dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # k, v: (B, H, T_cached + T, D)
+        y = kernels.attention(q, k, v, causal=self.causal, backend=self.attn_backend)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
+        return self.dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: the same two-layer MLP applied to every position."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.up = nn.Linear(config.d_model, 4 * config.d_model)
+        self.down = nn.Linear(4 * config.d_model, config.d_model)
+        self.down.is_residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.gelu(self.up(x))))
+
+
+class Block(nn.Module):
+    """x + attention(norm(x)), then x + mlp(norm(x)): the pre-LayerNorm residual block.
+
+    The residual stream x carries information straight through; each branch only adds a
+    correction, so gradients reach early layers through the identity path undiminished.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.residual = config.residual
+        self.norm1 = nn.LayerNorm(config.d_model) if config.layer_norm else nn.Identity()
+        self.attn = CausalSelfAttention(config)
+        self.norm2 = nn.LayerNorm(config.d_model) if config.layer_norm else nn.Identity()
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        a = self.attn(self.norm1(x), cache, layer)
+        x = x + a if self.residual else a
+        m = self.mlp(self.norm2(x))
+        return x + m if self.residual else m
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.position_embedding = PositionalEmbedding(config)
+        self.dropout = nn.Dropout(config.dropout)
+        if config.share_blocks:
+            # One set of weights applied n_layer times (each application keeps its own cache slot).
+            self.blocks = nn.ModuleList([Block(config)] * config.n_layer)
+        else:
+            self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.final_norm = nn.LayerNorm(config.d_model) if config.layer_norm else nn.Identity()
+        if config.head == "full":
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            if config.tie_embeddings:
+                self.lm_head.weight = self.token_embedding.weight
+        else:
+            # Frequent words get a full-size output; rare ones share a cluster and a smaller projection.
+            self.lm_head = nn.AdaptiveLogSoftmaxWithLoss(
+                config.d_model, config.vocab_size, cutoffs=config.adaptive_cutoffs, div_value=4.0
+            )
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2 init: small normal weights; the projections that write into the residual stream are
+        # scaled down by sqrt(2 * n_layer) so the stream's variance does not grow with depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_projection", False):
+                std /= math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> final normalized hidden states (B, T, d_model)."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}; "
+                "use a shorter --seq-len or a model with a larger block_size"
+            )
+        positions = torch.arange(start, start + T, device=idx.device)
+        x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))  # (B, T, C)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        return self.final_norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., d_model) -> scores over the vocabulary (..., vocab_size).
+
+        For the adaptive head these are exact log-probabilities, which work as logits.
+        """
+        if self.config.head == "full":
+            return self.lm_head(hidden)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return self.lm_head.log_prob(flat).view(*hidden.shape[:-1], -1)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Returns (logits, loss).
+
+        idx, targets: (B, T) token ids; targets[t] is the token that follows idx[t].
+        logits: (B, T, vocab_size); None for the adaptive head when targets are given, since
+        computing every word's score is exactly the cost that head exists to avoid.
+        loss: mean cross-entropy (natural log) over all positions, or None without targets.
+        """
+        hidden = self.hidden_states(idx)
+        if targets is None:
+            return self.logits(hidden), None
+        if self.config.head == "adaptive":
+            loss = self.lm_head(hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)).loss
+            return None, loss
+        logits = self.lm_head(hidden)
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, use_cache: bool = True, generator: torch.Generator | None = None):
+        """Append max_new_tokens sampled tokens to idx (B, T); returns (B, T + max_new_tokens).
+
+        With the cache, each step feeds only the newest token. When the context fills
+        block_size, the window slides: positions shift, so the cache is rebuilt from the last
+        block_size tokens, which gives exactly what the uncached model computes.
+        """
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        cache = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                hidden = self.hidden_states(idx[:, -self.config.block_size:])
+            elif cache is None or cache.length >= self.config.block_size:
+                cache = KVCache(self.config.n_layer)
+                hidden = self.hidden_states(idx[:, -self.config.block_size:], cache)
+            else:
+                hidden = self.hidden_states(idx[:, -1:], cache)
+            logits = self.logits(hidden[:, -1, :]).float() / temperature  # (B, vocab)
+            if top_k is not None:
+                kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth_best, float("-inf"))
+            next_token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
+            idx = torch.cat([idx, next_token], dim=1)
+        return idx
