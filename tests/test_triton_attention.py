@@ -1,0 +1,413 @@
+"""The fused Triton attention kernel against the float64 reference.
+
+Without CUDA the kernels run through Triton's CPU interpreter, which is slow, so the
+cross product of shapes, dtypes and layouts is covered sparsely: a full length/causal
+sweep at one head dim and dtype, a head-dim sweep at one length, a dtype sweep at a few
+shapes. Every test compares against kernels.reference in float64 with the rule in
+tests/tolerances.py. The CUDA cases are the same tests on device="cuda", plus bigger
+shapes that only make sense on a GPU, and a run of every autotuning config.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from kernels import triton_attention  # without CUDA: warns once that the interpreter is in use
+from tolerances import assert_close_to_reference, lse_recompute_atol
+
+CUDA = torch.cuda.is_available()
+# With CUDA the kernels are compiled, and compiled Triton cannot read CPU tensors.
+interpreter_only = pytest.mark.skipif(not triton_attention.INTERPRET, reason="compiled Triton needs CUDA tensors")
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+DEVICES = [pytest.param("cpu", marks=interpreter_only), pytest.param("cuda", marks=cuda_only)]
+
+
+@pytest.fixture(autouse=True)
+def first_autotune_config(monkeypatch):
+    """On CUDA, run each kernel with its first fitting config instead of benchmarking them all.
+
+    Tuning every shape here would take many minutes; test_cuda_every_autotune_config
+    checks all configs instead. (Under the interpreter there is only one config.)
+    """
+    monkeypatch.setenv("GPT_KERNELS_AUTOTUNE", "0")
+
+
+def make_qkv(shape_q, kv_len, dtype, device, layout="contiguous", scale_inputs=1.0, seed=0):
+    """q (B, H, Tq, D), k and v (B, H, kv_len, D), in one of several memory layouts.
+
+    contiguous  three separate (B, H, T, D) tensors
+    fused_qkv   slices of one (B, T, 3 * H * D) projection, as a GPT block makes them:
+                strided, non-contiguous views, each with last-dim stride 1 (needs Tq == Tk)
+    d_strided   head_dim is not the innermost dimension (last-dim stride != 1)
+    """
+    B, H, Tq, D = shape_q
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return (torch.randn(*shape, generator=g, dtype=torch.float32) * scale_inputs).to(dtype).to(device)
+
+    if layout == "contiguous":
+        return randn(B, H, Tq, D), randn(B, H, kv_len, D), randn(B, H, kv_len, D)
+    if layout == "fused_qkv":
+        assert Tq == kv_len
+        qkv = randn(B, Tq, 3 * H * D).view(B, Tq, 3, H, D)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, H, T, D), strides (3HDT, D, 3HD, 1)
+        assert not q.is_contiguous()
+        return q, k, v
+    if layout == "d_strided":
+        q, k, v = (randn(B, H, D, t).transpose(2, 3) for t in (Tq, kv_len, kv_len))
+        assert q.stride(-1) != 1
+        return q, k, v
+    raise ValueError(layout)
+
+
+def attention_and_grads(fn, q, k, v, do, **kwargs):
+    """out and (dq, dk, dv) of fn(q, k, v) for output gradient do."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kwargs)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    return (out.detach(), *grads)
+
+
+def check_against_reference(q, k, v, *, causal, scale=None, do=None, triton_fn=None, grad_atol=None):
+    """Run the Triton backend forward + backward and compare all four results to float64.
+
+    do: the output gradient (default: random); triton_fn(q, k, v, do) -> (out, dq, dk, dv)
+    replaces the public entry point; grad_atol(expected_grad) -> float is an extra
+    allowance for the gradients (default none). Returns the Triton results.
+    """
+    scale_f = q.shape[-1] ** -0.5 if scale is None else scale
+    if do is None:
+        do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype).to(q.device)
+
+    if triton_fn is None:
+        got = attention_and_grads(kernels.attention, q, k, v, do, causal=causal, scale=scale, backend="triton")
+    else:
+        got = triton_fn(q, k, v, do)
+    exact = attention_and_grads(reference.attention, *(t.double() for t in (q, k, v, do)), causal=causal, scale=scale_f)
+    # The same reference in the tested dtype sets how much error that dtype forces.
+    baseline = attention_and_grads(reference.attention, q, k, v, do, causal=causal, scale=scale_f)
+    for name, a, e, b in zip(("out", "dq", "dk", "dv"), got, exact, baseline):
+        assert a.dtype == q.dtype and a.device == q.device
+        extra = grad_atol(e) if grad_atol is not None and name != "out" else 0.0
+        assert_close_to_reference(name, a, e, b, extra_atol=extra)
+    return got
+
+
+# ---------------------------------------------------------------------------------------
+# Parity with the float64 reference
+# ---------------------------------------------------------------------------------------
+
+# (Tq, Tk, causal): square lengths around the 16/32 block sizes, decoding (Tq=1 < Tk),
+# fewer queries than keys (causal mask offset), and more queries than keys (non-causal).
+LENGTHS = [
+    (1, 1, True),
+    (17, 17, True), (17, 17, False),
+    (64, 64, True), (64, 64, False),
+    (100, 100, True),
+    (129, 129, True), (129, 129, False),
+    (1, 64, True), (1, 33, False),
+    (17, 64, True), (17, 64, False),
+    (64, 17, False), (1, 17, False),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("q_len, kv_len, causal", LENGTHS)
+def test_lengths_float32(device, q_len, kv_len, causal):
+    q, k, v = make_qkv((1, 2, q_len, 32), kv_len, torch.float32, device)
+    check_against_reference(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [1, 2, 14, 15, 16, 30, 31, 47])
+def test_causal_offsets(device, offset):
+    """Tk = Tq + offset shifts the diagonal across the 16/32 blocks the interpreter uses.
+
+    Off-by-one errors in the loop bounds only show when the diagonal lands just beside a
+    block edge, so the offsets cover residues -2, -1, 0, 1, 2 modulo 16 and 32.
+    """
+    q, k, v = make_qkv((1, 1, 40, 16), 40 + offset, torch.float32, device, seed=offset)
+    check_against_reference(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch, heads", [(2, 3), (2, 1)])
+def test_batch_and_heads(device, batch, heads):
+    q, k, v = make_qkv((batch, heads, 40, 16), 40, torch.float32, device, seed=batch * 10 + heads)
+    check_against_reference(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_head_dims_float16(device, head_dim, causal):
+    q, k, v = make_qkv((1, 1, 70, head_dim), 70, torch.float16, device)
+    check_against_reference(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_dim_256(device):
+    q, k, v = make_qkv((1, 1, 40, 256), 40, torch.bfloat16, device)
+    check_against_reference(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("q_len, kv_len, causal", [(100, 100, True), (17, 64, True), (64, 17, False)])
+def test_dtypes(device, dtype, q_len, kv_len, causal):
+    q, k, v = make_qkv((1, 2, q_len, 64), kv_len, dtype, device)
+    check_against_reference(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["fused_qkv", "d_strided"])
+def test_non_contiguous_inputs(device, dtype, layout):
+    q, k, v = make_qkv((2, 2, 50, 32), 50, dtype, device, layout=layout)
+    check_against_reference(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_output_gradient(device):
+    """dO from autograd can have any strides (here: expanded, stride 0 along the sequence)."""
+    q, k, v = make_qkv((1, 2, 33, 16), 33, torch.float32, device)
+    do = torch.randn(1, 2, 1, 16).to(device).expand(1, 2, 33, 16)
+    check_against_reference(q, k, v, causal=True, do=do)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scale, causal", [(0.05, True), (1.0, False)])
+def test_custom_scale(device, scale, causal):
+    q, k, v = make_qkv((1, 2, 45, 32), 45, torch.float32, device)
+    check_against_reference(q, k, v, causal=causal, scale=scale)
+
+
+def with_configs(fwd, dkdv, dq, causal, scale):
+    """triton_fn for check_against_reference: the bare kernels with the given config dicts."""
+
+    def run(q, k, v, do):
+        out, lse = triton_attention._forward(q, k, v, causal, scale, config=fwd)
+        grads = triton_attention._backward(do, q, k, v, out, lse, causal, scale, dkdv_config=dkdv, dq_config=dq)
+        return (out, *grads)
+
+    return run
+
+
+def blocks(m, n):
+    return dict(BLOCK_M=m, BLOCK_N=n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fwd, dkdv, dq", [
+    # Block shapes besides the interpreter's defaults, so that the loop bounds are checked
+    # with BLOCK_M < BLOCK_N, BLOCK_M > BLOCK_N and both equal, in every kernel.
+    pytest.param(blocks(16, 16), blocks(16, 16), blocks(16, 16), id="equal"),
+    pytest.param(blocks(16, 32), blocks(32, 16), blocks(32, 16), id="swapped"),
+    pytest.param(blocks(64, 32), blocks(16, 64), blocks(64, 16), id="wide"),
+])
+@pytest.mark.parametrize("q_len, kv_len, causal", [(50, 80, True), (83, 50, False)])
+def test_block_shapes(device, fwd, dkdv, dq, q_len, kv_len, causal):
+    q, k, v = make_qkv((1, 1, q_len, 16), kv_len, torch.float32, device)
+    check_against_reference(q, k, v, causal=causal, scale=0.2, triton_fn=with_configs(fwd, dkdv, dq, causal, 0.2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_log_sum_exp(device, causal):
+    """The saved LSE is the logsumexp of the scaled (masked) scores, in base 2."""
+    q, k, v = make_qkv((1, 2, 37, 32), 53, torch.float32, device)
+    _, lse2 = torch.ops.gpt_kernels.flash_attn_fwd(q, k, v, causal, 0.3)
+    scores = (q.double() @ k.double().transpose(-2, -1)) * 0.3
+    if causal:
+        scores = scores.masked_fill(~reference.causal_mask(37, 53, device=device), float("-inf"))
+    assert lse2.dtype == torch.float32 and lse2.shape == (1, 2, 37)
+    expected = torch.logsumexp(scores, dim=-1) / math.log(2)  # the kernel keeps it in base 2
+    torch.testing.assert_close(lse2.double(), expected, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Every output element written, determinism, numerically hard inputs
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("q_len, kv_len, causal", [(1, 1, True), (1, 40, True), (47, 47, True), (47, 21, False)])
+def test_nan_filled_buffers_are_overwritten(device, q_len, kv_len, causal, monkeypatch):
+    """With GPT_KERNELS_NAN_FILL=1 every output buffer starts as NaN: a skipped tile shows."""
+    monkeypatch.setenv("GPT_KERNELS_NAN_FILL", "1")
+    assert triton_attention._empty((2,), torch.float32, device).isnan().all()  # the switch works
+    q, k, v = make_qkv((2, 1, q_len, 16), kv_len, torch.float16, device)
+    for name, t in zip(("out", "dq", "dk", "dv"), check_against_reference(q, k, v, causal=causal)):
+        assert torch.isfinite(t).all(), f"{name} has unwritten (NaN) elements"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_deterministic(device):
+    q, k, v = make_qkv((1, 2, 77, 32), 77, torch.bfloat16, device)
+    do = torch.randn(q.shape).to(q.dtype).to(device)
+    first = attention_and_grads(kernels.attention, q, k, v, do, causal=True, backend="triton")
+    second = attention_and_grads(kernels.attention, q, k, v, do, causal=True, backend="triton")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_large_logits(device, causal):
+    """Scores around 1e4 in float32: nothing overflows, and the output meets the usual rule.
+
+    The gradients get the documented allowance for rebuilding P from a float32 LSE.
+    """
+    q, k, v = make_qkv((1, 2, 40, 16), 40, torch.float32, device, scale_inputs=50.0, seed=2)
+    v = v / 50.0
+    max_score = float(((q @ k.transpose(-2, -1)) * 16**-0.5).abs().max())
+    assert max_score > 5e3
+    check_against_reference(q, k, v, causal=causal,
+                            grad_atol=lambda expected: lse_recompute_atol(max_score, float(expected.abs().max())))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_first_query_sees_only_first_key(device):
+    """Causal with Tq == Tk: row 0 has one allowed key, so its output is v[0] and its dq is 0."""
+    q, k, v = make_qkv((1, 2, 20, 16), 20, torch.float32, device)
+    out, dq, dk, dv = check_against_reference(q, k, v, causal=True)
+    torch.testing.assert_close(out[:, :, 0], v[:, :, 0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(dq[:, :, 0], torch.zeros_like(dq[:, :, 0]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_all_equal_scores(device, causal):
+    """q = 0 makes every score equal: each output row is the mean of the values it sees."""
+    _, k, v = make_qkv((1, 1, 35, 32), 35, torch.float32, device)
+    q = torch.zeros_like(k)
+    out, *_ = check_against_reference(q, k, v, causal=causal)
+    counts = torch.arange(1, 36, device=device, dtype=torch.float32)[:, None]
+    expected = v.cumsum(2) / counts if causal else v.mean(2, keepdim=True).expand_as(v)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Unsupported inputs
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head_dim", [48, 512])
+def test_unsupported_head_dim_is_rejected(head_dim):
+    q = torch.randn(1, 1, 4, head_dim)
+    with pytest.raises(ValueError, match=r"head_dim in \(16, 32, 64, 128, 256\), got " + str(head_dim)):
+        kernels.attention(q, q, q, backend="triton")
+
+
+def test_unsupported_dtype_is_rejected():
+    q = torch.randn(1, 1, 4, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="dtypes float32, float16, bfloat16, got torch.float64"):
+        kernels.attention(q, q, q, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------
+# torch.library integration
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch agree."""
+    q, k, v = (t.requires_grad_() for t in make_qkv((1, 1, 17, 16), 17, torch.float32, device))
+    torch.library.opcheck(torch.ops.gpt_kernels.flash_attn_fwd, (q, k, v, True, 0.25))
+    out, lse = torch.ops.gpt_kernels.flash_attn_fwd(q, k, v, True, 0.25)
+    do = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.gpt_kernels.flash_attn_bwd,
+                          (do, q.detach(), k.detach(), v.detach(), out.detach(), lse, True, 0.25))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_traces_without_graph_breaks(device):
+    """fullgraph=True fails on any graph break, so this proves the op is traceable.
+
+    Inductor also lowers the backward graph, which calls gpt_kernels::flash_attn_bwd.
+    """
+    torch._dynamo.reset()
+
+    def block(x, w):
+        q, k, v = (x @ w).view(1, 24, 3, 2, 16).unbind(2)
+        out = kernels.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                backend="triton")
+        return out.transpose(1, 2).reshape(1, 24, 32)
+
+    compiled = torch.compile(block, fullgraph=True, backend="inductor")
+    x = torch.randn(1, 24, 32, device=device)
+    w = torch.randn(32, 96, device=device, requires_grad=True)
+    y = compiled(x, w)
+    y.sum().backward()
+    w_grad, w.grad = w.grad, None
+    expected = block(x, w)
+    expected.sum().backward()
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(w_grad, w.grad)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter is only switched on automatically without CUDA")
+def test_interpreter_works_when_triton_was_imported_first():
+    """torch.compile imports triton before kernels.triton_attention can set TRITON_INTERPRET=1."""
+    code = (
+        "import torch, triton.language, kernels\n"
+        "q, k, v = torch.randn(3, 1, 2, 20, 16).unbind(0)\n"
+        "out = kernels.attention(q, k, v, causal=True, backend='triton')\n"
+        "exact = kernels.reference.attention(q.double(), k.double(), v.double(), causal=True, scale=0.25)\n"
+        "torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5)\n"
+    )
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA only: bigger shapes, and every autotuning config
+# ---------------------------------------------------------------------------------------
+
+
+@cuda_only
+@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_long_sequence_bfloat16(head_dim, causal):
+    q, k, v = make_qkv((1, 2, 4096, head_dim), 4096, torch.bfloat16, "cuda")
+    check_against_reference(q, k, v, causal=causal)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_training_shape_fused_qkv(dtype):
+    q, k, v = make_qkv((4, 12, 1024, 64), 1024, dtype, "cuda", layout="fused_qkv")
+    check_against_reference(q, k, v, causal=True)
+
+
+@cuda_only
+def test_cuda_decoding_long_cache():
+    q, k, v = make_qkv((2, 8, 1, 128), 3001, torch.bfloat16, "cuda")
+    check_against_reference(q, k, v, causal=True)
+
+
+def _launch_configs(kernel, q):
+    """The kernel's configs left after pruning for q, as config dicts for the bare kernel."""
+    configs = kernel.early_config_prune(kernel.configs, {"Q": q})
+    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
+
+
+@cuda_only
+@pytest.mark.parametrize("head_dim, causal, q_len, kv_len", [(64, True, 300, 300), (128, False, 200, 333)])
+def test_cuda_every_autotune_config(head_dim, causal, q_len, kv_len, monkeypatch):
+    """Whatever config the autotuner picks must be correct: run each one (ragged lengths)."""
+    monkeypatch.setenv("GPT_KERNELS_AUTOTUNE", "1")
+    q, k, v = make_qkv((1, 2, q_len, head_dim), kv_len, torch.bfloat16, "cuda")
+    fwd, dkdv, dq = (_launch_configs(kern, q) for kern in (
+        triton_attention._attn_fwd_tuned, triton_attention._attn_bwd_dkdv_tuned, triton_attention._attn_bwd_dq_tuned))
+    for i in range(max(len(fwd), len(dkdv), len(dq))):
+        configs = fwd[i % len(fwd)], dkdv[i % len(dkdv)], dq[i % len(dq)]
+        check_against_reference(q, k, v, causal=causal, triton_fn=with_configs(*configs, causal, head_dim**-0.5))
