@@ -1,0 +1,104 @@
+"""Checkpoints that survive a crash at any moment, shared by training and sampling.
+
+    save_checkpoint(path, state)         # atomic: the old file stays intact until the new one is complete
+    state = load_checkpoint(path)        # CheckpointError (one-line message) if missing, corrupt or incomplete
+    model, vocab = restore_model(state)  # the GPT and its vocabulary, ready to sample
+
+A checkpoint is a dict (format 1):
+    format        1
+    model         GPT.state_dict() of the unwrapped model (never torch.compile's or DDP's wrapper)
+    model_config  dataclasses.asdict(GPTConfig)
+    vocab         Vocab.state_dict()
+    train_config  dataclasses.asdict(TrainConfig)
+    optimizer     AdamW state_dict
+    scaler        GradScaler state_dict (empty unless --dtype float16)
+    step          optimizer steps done
+    total_steps   length of the learning-rate schedule, fixed when the run started
+    tokens        training tokens seen so far
+    elapsed_s     training wall time so far, summed over resumed runs
+Only plain Python types and tensors: loading uses torch.load(weights_only=True), which cannot
+run code hidden in a malicious file.
+"""
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .data import Vocab
+from .model import GPT, GPTConfig
+
+FORMAT = 1
+REQUIRED_KEYS = ("format", "model", "model_config", "vocab", "train_config", "optimizer", "scaler",
+                 "step", "total_steps", "tokens", "elapsed_s")
+# Fault-injection hook for tests: seconds to sleep after the temporary file is complete and
+# before it replaces the checkpoint, so a test can kill the process inside that window.
+SAVE_DELAY_ENV_VAR = "GPT_CKPT_SAVE_DELAY_S"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or not one of ours; the message says which."""
+
+
+def atomic_write(path: str | os.PathLike, write, delay_s: float = 0.0) -> None:
+    """Call write(file) on a temporary file next to `path`, then rename it over `path`.
+
+    os.replace is atomic within a directory, so a reader (or a process killed mid-save) sees
+    either the old complete file or the new complete one, never half of either. The fsyncs make
+    the new contents and the rename survive a power cut too.
+    """
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+    if delay_s:
+        time.sleep(delay_s)
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    delay_s = float(os.environ.get(SAVE_DELAY_ENV_VAR, "0"))
+    atomic_write(path, lambda file: torch.save(state, file), delay_s)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint onto the CPU; the caller moves what it needs to its device."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types (pickle, zip, EOF, Runtime) for a bad file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a format-{FORMAT} checkpoint of this project")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is incomplete: it lacks {', '.join(missing)}")
+    return state
+
+
+def restore_model(state: dict, **overrides) -> tuple[GPT, Vocab]:
+    """Rebuild the GPT (on the CPU) and its vocabulary from a loaded checkpoint.
+
+    overrides replace GPTConfig fields that do not change the weights' shapes, e.g. attn="sdpa".
+    """
+    try:
+        config = GPTConfig(**{**state["model_config"], **overrides})
+        model = GPT(config)
+        model.load_state_dict(state["model"])
+        vocab = Vocab.from_state_dict(state["vocab"])
+    except (TypeError, KeyError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"the checkpoint does not match this version of the model ({reason})") from None
+    if len(vocab) != config.vocab_size:
+        raise CheckpointError(f"the checkpoint's vocabulary has {len(vocab)} tokens but its model {config.vocab_size}")
+    return model, vocab

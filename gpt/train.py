@@ -1,0 +1,635 @@
+"""Train the GPT on the Complete Works of Shakespeare, on one device or many (torchrun + DDP).
+
+    python -m gpt.train                                   # the default run: see TrainConfig
+    python -m gpt.train --steps 2000 --attn sdpa --dtype bfloat16
+    python -m gpt.train --resume                          # continue out/ckpt.pt exactly where it stopped
+    torchrun --standalone --nproc_per_node=4 -m gpt.train # DistributedDataParallel, one process per GPU
+
+Writes into --out: metrics.jsonl (one JSON object per log step), ckpt.pt and loss.png, each
+written so that a crash at any moment leaves a readable file. SIGINT (Ctrl-C) or SIGTERM saves
+a checkpoint after the current step and exits with 128 + the signal number (130, 143); a second
+signal exits at once. Expected problems (bad data path, corrupt checkpoint, bad flag values) end
+with one line on stderr and exit code 2.
+
+Reusable pieces, e.g. for benchmarks:
+    cfg = TrainConfig(steps=100)                          # every setting, with the defaults of a run
+    data, vocab = load_data(path)                         # (TokenData, Vocab); path None: $GPT_SHAKESPEARE
+    model = build_model(cfg.model_config(len(vocab)), device, seed=cfg.seed)
+    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, device)
+    x, y = data.train_batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
+    loss = train_step(model, optimizer, [(x.to(device), y.to(device))], lr=cfg.lr, grad_clip=cfg.grad_clip)
+        # one optimizer step over a list of micro-batches; the mean loss stays on the device (no sync)
+    train(cfg)                                            # a whole run, as `python -m gpt.train` does
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import kernels
+
+from .checkpoint import FORMAT, CheckpointError, atomic_write, load_checkpoint, restore_model, save_checkpoint
+from .data import DataError, TokenData, Vocab, load_shakespeare, tokenize
+from .model import GPT, GPTConfig
+from .plot import plot_losses
+from .sample import ArgumentParser, complete, pick_device, resolve_attention
+
+CKPT_NAME, METRICS_NAME, PLOT_NAME = "ckpt.pt", "metrics.jsonl", "loss.png"
+FINAL_LR_FRACTION = 0.1  # the cosine schedule ends at 10% of the peak learning rate
+# Validation perplexities on the same split, for comparison at the end of a run.
+BASELINES = (("Kneser-Ney trigram", 69.0), ("unigram", 203.0), ("nanoGPT, 15 min", 58.2))
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # None: no autocast
+UNTIMED_STEPS, TIMED_STEPS = 2, 8  # --minutes: steps run to warm up, then to measure, before training
+
+
+def option(default, help: str, **argparse_kwargs):
+    """A TrainConfig field that is also the command-line flag --name-with-dashes."""
+    return field(default=default, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. The defaults are the default run: change them here."""
+
+    data: str | None = option(None, "text of Project Gutenberg eBook #100; default: $GPT_SHAKESPEARE, else a cached download", type=str)
+    out: str = option("out", "directory for ckpt.pt, metrics.jsonl and loss.png")
+    # The model (GPTConfig). When resuming, the shape comes from the checkpoint.
+    n_layer: int = option(4, "transformer blocks")
+    n_head: int = option(4, "attention heads per block; must divide --d-model")
+    d_model: int = option(128, "width of the residual stream (embedding size)")
+    dropout: float = option(0.0, "dropout probability inside the model")
+    pos_embedding: str = option("learned", "how the model sees positions", choices=("learned", "sinusoidal", "none"))
+    head: str = option("adaptive", "output layer: full softmax, or adaptive softmax (cheaper for rare words)", choices=("full", "adaptive"))
+    tie_embeddings: bool = option(False, "share the token embedding with the output layer (needs --head full)")
+    attn: str = option("auto", "attention backend; auto: triton on CUDA, reference elsewhere", choices=(*kernels.BACKENDS, "auto"))
+    # Optimization.
+    batch_size: int = option(32, "sequences per micro-batch per process")
+    seq_len: int = option(64, "tokens per training sequence; also the model's block_size (context length)")
+    grad_accum: int = option(1, "micro-batches per step; global batch = batch size x grad accum x processes")
+    steps: int | None = option(None, "optimizer steps in total; takes precedence over --minutes", type=int)
+    minutes: float = option(14.0, "time budget: as many steps as fit, measured on a few timing steps first")
+    lr: float = option(2e-3, "peak learning rate, reached after warmup, then cosine decay to 10%%")
+    warmup: int = option(100, "steps of linear learning-rate warmup")
+    weight_decay: float = option(0.1, "AdamW weight decay, applied to Linear weight matrices only")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0: no clipping")
+    seed: int = option(1337, "seed of the initial weights, the data order and dropout")
+    # Bookkeeping.
+    log_interval: int = option(50, "steps between lines in metrics.jsonl (train loss, tokens/s)")
+    eval_interval: int = option(250, "steps between validation evaluations (and loss.png updates)")
+    eval_windows: int = option(512, "validation windows per intermediate evaluation (0: all); the final one uses all")
+    ckpt_interval: int = option(500, "steps between checkpoints (one is also saved at the end and on SIGINT/SIGTERM)")
+    device: str | None = option(None, "cpu, cuda, cuda:1, ...; default: cuda if available, else cpu", type=str)
+    dtype: str = option("float32", "float32, or autocast to bfloat16 / float16 (float16 with loss scaling, CUDA only)", choices=("float32", "bfloat16", "float16"))
+    compile: bool = option(False, "torch.compile the model (slow start, faster steps)")
+    # Settings of one invocation, not of the run: a resumed run does not inherit them.
+    resume: bool = option(False, "continue the run in --out/ckpt.pt; other flags override its settings")
+    stop_at: int | None = option(None, "save and exit after this step; the schedule still spans the whole run", type=int)
+
+    def model_config(self, vocab_size: int, attn: str | None = None) -> GPTConfig:
+        return GPTConfig(vocab_size=vocab_size, block_size=self.seq_len, n_layer=self.n_layer, n_head=self.n_head,
+                         d_model=self.d_model, dropout=self.dropout, attn=attn or self.attn,
+                         pos_embedding=self.pos_embedding, head=self.head, tie_embeddings=self.tie_embeddings)
+
+    def validate(self) -> None:
+        for name in ("n_layer", "n_head", "d_model", "batch_size", "seq_len", "grad_accum", "steps", "minutes", "lr",
+                     "log_interval", "eval_interval", "ckpt_interval", "stop_at"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{flag(name)} must be positive, got {getattr(self, name)}")
+        for name in ("warmup", "weight_decay", "grad_clip", "eval_windows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+
+
+MODEL_SHAPE = ("n_layer", "n_head", "d_model", "pos_embedding", "head", "tie_embeddings")  # fixed when resuming
+PER_INVOCATION = ("resume", "stop_at")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One flag per TrainConfig field. Flags not given are absent from the parsed namespace, so
+    that --resume can tell which settings the user overrides."""
+    parser = ArgumentParser(prog="python -m gpt.train", argument_default=argparse.SUPPRESS,
+                            description="Train the word-level GPT on Shakespeare (see gpt/train.py).")
+    for f in fields(TrainConfig):
+        kwargs = dict(f.metadata)
+        if isinstance(f.default, bool):
+            kwargs["help"] += f" (default: {'on' if f.default else 'off'})"
+            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            if f.default is not None:
+                kwargs["help"] += f" (default: {f.default})"
+            kwargs.setdefault("type", type(f.default))
+            if "choices" not in kwargs:  # with choices, argparse shows them instead
+                kwargs["metavar"] = f.name.split("_")[-1].upper()
+            parser.add_argument(flag(f.name), **kwargs)
+    return parser
+
+
+def configure(argv: list[str] | None) -> tuple[TrainConfig, dict | None]:
+    """Command line -> (TrainConfig, checkpoint to resume from or None).
+
+    With --resume the run's stored settings are the starting point and the given flags override
+    them, except the model's shape and the step budget, which the checkpoint fixes.
+    """
+    given = vars(build_parser().parse_args(argv))
+    if not given.get("resume"):
+        config = TrainConfig(**given)
+        config.validate()
+        return config, None
+    state = load_checkpoint(Path(given.get("out", TrainConfig.out)) / CKPT_NAME)
+    stored_settings = {k: v for k, v in state["train_config"].items() if k not in PER_INVOCATION}
+    try:
+        stored = TrainConfig(**stored_settings)
+    except TypeError as err:
+        raise CheckpointError(f"the checkpoint's train_config does not fit this version ({err})") from None
+    for name in MODEL_SHAPE + ("steps", "minutes"):
+        if name in given and given[name] != getattr(stored, name):
+            raise ValueError(f"{flag(name)} cannot change when resuming (the checkpoint has {getattr(stored, name)}); "
+                             "start a new run in another --out instead")
+    config = replace(stored, **given)
+    config.validate()
+    return config, state
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and processes
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes (one process: rank 0 of size 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0  # index among the processes on this machine: which GPU to use
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0  # the one process that evaluates, logs and writes files
+
+    def mean(self, value: torch.Tensor) -> float:
+        """Average a 0-dim tensor over all processes. Waits for the device: call at log steps only."""
+        if self.size > 1:
+            value = value.detach().clone()
+            dist.all_reduce(value)  # SUM: gloo has no AVG
+            value /= self.size
+        return value.item()
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every process if it is True on any: all processes must stop at the same step."""
+        if self.size == 1:
+            return flag
+        value = torch.tensor(float(flag), device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def broadcast(self, number: int, device: torch.device) -> int:
+        """Rank 0's number on every process."""
+        if self.size == 1:
+            return number
+        value = torch.tensor(number, device=device)
+        dist.broadcast(value, src=0)
+        return int(value.item())
+
+
+def setup_world(device_name: str | None) -> tuple[World, torch.device]:
+    """Join torchrun's process group when launched by it (it sets RANK, WORLD_SIZE, LOCAL_RANK)."""
+    world = World(rank=int(os.environ.get("RANK", 0)), size=int(os.environ.get("WORLD_SIZE", 1)),
+                  local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    device = pick_device(device_name, world.local_rank)
+    if world.size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, device
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces of a training step
+
+
+def load_data(path: str | None = None, vocab: Vocab | None = None) -> tuple[TokenData, Vocab]:
+    """The corpus as (TokenData, Vocab). A given vocab (a checkpoint's) is kept, not rebuilt."""
+    text = load_shakespeare(path)
+    if vocab is None:
+        vocab = Vocab.build(tokenize(text))
+    try:
+        return TokenData.from_text(text, vocab), vocab
+    except ValueError:  # words the vocabulary lacks
+        raise DataError(f"the data has words that the checkpoint's vocabulary lacks: was it trained on other data? "
+                        f"pass the same --data as the run that wrote it") from None
+
+
+def build_model(config: GPTConfig, device: torch.device | str, seed: int) -> GPT:
+    """A freshly initialized GPT; the same seed gives the same weights in every process."""
+    torch.manual_seed(seed)
+    return GPT(config).to(device)
+
+
+def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device | str) -> torch.optim.AdamW:
+    """AdamW that decays only the weight matrices of Linear layers.
+
+    Decay pulls weights towards zero; that regularizes the matrices that mix features, but on a
+    norm's gain or a bias it only fights the scale the layer needs, and on an embedding it would
+    shrink the vectors of rare words, which get few gradient updates to push back. A tied output
+    matrix is the embedding, so it is not decayed either.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    matrices = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
+    params = list(model.parameters())  # each shared parameter once
+    groups = [{"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=torch.device(device).type == "cuda")
+
+
+def learning_rate(step: int, peak: float, warmup: int, total_steps: int) -> float:
+    """Linear warmup to `peak` over `warmup` steps, then cosine decay to FINAL_LR_FRACTION * peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return peak * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+               *, lr: float, grad_clip: float = 0.0, amp_dtype: torch.dtype | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """One optimizer step over micro_batches [(x, y), ...], each (B, T) token ids on the model's device.
+
+    Each micro-batch's loss is divided by their number, so the summed gradients are those of the
+    mean loss over all of them. Under DDP only the last backward all-reduces the gradients (the
+    others run in no_sync): one exchange per step, not per micro-batch.
+    amp_dtype: autocast dtype (None: float32); scaler: loss scaling for float16.
+    Returns the mean loss as a 0-dim tensor on the device: reading it (.item()) waits for the device.
+    """
+    device = micro_batches[0][0].device
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    total = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(micro_batches):
+        is_last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if is_last or not isinstance(model, DDP) else model.no_sync():
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                _, loss = model(x, y)
+            loss = loss / len(micro_batches)
+            scaler.scale(loss).backward()
+        total += loss.detach()
+    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
+             amp_dtype: torch.dtype | None = None) -> float:
+    """Mean cross-entropy over the (n, T) windows. All windows have T tokens, so the mean over
+    windows is the mean over tokens; the last, shorter batch is weighted by its size."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device)
+    for start in range(0, len(inputs), batch_size):
+        x, y = to_device(inputs[start:start + batch_size], device), to_device(targets[start:start + batch_size], device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            _, loss = model(x, y)
+        total += loss.float() * len(x)
+    model.train(was_training)
+    return total.item() / len(inputs)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # From pinned memory the copy to a GPU is asynchronous: the CPU does not wait for it.
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files of a run
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, each written in one write() and fsynced, so a
+    crash can at worst cut the last line, and readers skip a cut line."""
+
+    def __init__(self, path: Path, keep_until_step: int | None):
+        """Start the file afresh, or (when resuming) keep the lines up to the checkpoint's step, so
+        that it ends up as if the run had never stopped."""
+        self.records = [] if keep_until_step is None else [r for r in read_metrics(path) if r["step"] <= keep_until_step]
+        atomic_write(path, lambda file: file.write("".join(json.dumps(r) + "\n" for r in self.records).encode()))
+        self.file = open(path, "a", encoding="utf-8")
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Every complete record in a metrics.jsonl (none if the file does not exist)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    return records
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the training loop to save a checkpoint and stop after the current
+    step, instead of killing it mid-update; a second signal exits at once (the last checkpoint
+    on disk is always complete)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise SystemExit(128 + signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.signum is None else 128 + self.signum  # the shell's convention for "killed by"
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+class Trainer:
+    """A training run: data, model, optimizer and progress, restored from a checkpoint if given."""
+
+    def __init__(self, cfg: TrainConfig, world: World, device: torch.device, state: dict | None = None):
+        self.cfg, self.world, self.device = cfg, world, device
+        attn = resolve_attention(cfg.attn, device)
+        if state is None:
+            self.data, self.vocab = load_data(cfg.data)
+            self.model = build_model(cfg.model_config(len(self.vocab), attn), device, cfg.seed)
+        else:
+            model, vocab = restore_model(state, attn=attn, dropout=cfg.dropout)
+            self.data, self.vocab = load_data(cfg.data, vocab)
+            self.model = model.to(device)
+        if cfg.seq_len > self.model.config.block_size:
+            raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {self.model.config.block_size}")
+        if cfg.dtype == "float16" and device.type != "cuda":
+            raise ValueError("--dtype float16 needs a CUDA device; on the CPU use bfloat16 or float32")
+        self.amp_dtype = DTYPES[cfg.dtype]
+        self.optimizer = configure_optimizer(self.model, cfg.lr, cfg.weight_decay, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
+        self.step, self.tokens, self.elapsed_before, self.total_steps = 0, 0, 0.0, cfg.steps
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if state["scaler"]:  # empty when the run so far had no loss scaling
+                self.scaler.load_state_dict(state["scaler"])
+            self.step, self.tokens, self.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
+            self.total_steps = state["total_steps"]
+        # torch.compile first, DDP around it (as in nanoGPT). Evaluation uses the plain model: only
+        # rank 0 evaluates, and DDP's forward expects every rank to take part; and compiling the
+        # evaluation's shapes (eval mode, a ragged last batch) would cost more than it saves.
+        self.trained = torch.compile(self.model) if cfg.compile else self.model
+        if world.size > 1:
+            # The adaptive head skips a cluster that no target of the batch falls in, leaving its
+            # parameters without gradients, which DDP must be told to expect.
+            self.trained = DDP(self.trained, device_ids=[device.index] if device.type == "cuda" else None,
+                               find_unused_parameters=self.model.config.head == "adaptive")
+        self.val_inputs, self.val_targets = TokenData.sequences(self.data.val, cfg.seq_len)
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * world.size * cfg.seq_len
+        self.started = time.perf_counter()
+
+    # -- one step ----------------------------------------------------------------------------
+
+    def batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This process's micro-batches for `step`.
+
+        The step's global batch is the same set of windows for every (processes x batch size x
+        grad accum) with the same product: train_batch splits it disjointly between processes,
+        and here each process's share is cut into grad_accum micro-batches.
+        """
+        cfg = self.cfg
+        x, y = self.data.train_batch(step, cfg.batch_size * cfg.grad_accum, cfg.seq_len, cfg.seed,
+                                     self.world.rank, self.world.size)
+        return [(to_device(xb, self.device), to_device(yb, self.device))
+                for xb, yb in zip(x.split(cfg.batch_size), y.split(cfg.batch_size))]
+
+    def train_one(self, step: int, total_steps: int) -> torch.Tensor:
+        # Dropout draws from the global RNG: seeding it from (seed, step, rank) makes every step
+        # reproducible on its own, so a resumed run needs no RNG state from the checkpoint.
+        torch.manual_seed(hash((self.cfg.seed, step, self.world.rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+        lr = learning_rate(step, self.cfg.lr, self.cfg.warmup, total_steps)
+        return train_step(self.trained, self.optimizer, self.batches(step), lr=lr, grad_clip=self.cfg.grad_clip,
+                          amp_dtype=self.amp_dtype, scaler=self.scaler)
+
+    def evaluate(self, windows: int = 0) -> float:
+        """Validation loss over `windows` windows spread evenly over the split (0: all of it)."""
+        inputs, targets = self.val_inputs, self.val_targets
+        if 0 < windows < len(inputs):
+            chosen = torch.linspace(0, len(inputs) - 1, windows).round().long()
+            inputs, targets = inputs[chosen], targets[chosen]
+        return evaluate(self.model, inputs, targets, self.cfg.batch_size * self.cfg.grad_accum, self.amp_dtype)
+
+    # -- the step budget -----------------------------------------------------------------------
+
+    def steps_in_budget(self, minutes: float) -> int:
+        """How many steps fit in `minutes`, from timing a few real steps and one evaluation.
+
+        The schedule needs the total number of steps before the first step, so the timing steps
+        are undone afterwards (weights, optimizer and scaler restored): training then starts from
+        the same state it would have without them. Checkpoint saves are not counted.
+        """
+        snapshot = copy.deepcopy((self.model.state_dict(), self.optimizer.state_dict(), self.scaler.state_dict()))
+        started = time.perf_counter()
+        for step in range(UNTIMED_STEPS):  # first steps pay for compilation and allocation
+            self.train_one(step, UNTIMED_STEPS + TIMED_STEPS)
+        self.synchronize()
+        timing_started = time.perf_counter()
+        for step in range(UNTIMED_STEPS, UNTIMED_STEPS + TIMED_STEPS):
+            self.train_one(step, UNTIMED_STEPS + TIMED_STEPS)
+        self.synchronize()
+        step_s = (time.perf_counter() - timing_started) / TIMED_STEPS
+        eval_started = time.perf_counter()
+        if self.world.is_main:
+            self.evaluate(self.cfg.eval_windows)
+        eval_s = time.perf_counter() - eval_started
+        model_state, optimizer_state, scaler_state = snapshot
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optimizer_state)
+        self.scaler.load_state_dict(scaler_state)
+        budget_s = minutes * 60 - (time.perf_counter() - started)
+        steps = max(1, int(budget_s / (step_s + eval_s / self.cfg.eval_interval)))
+        if self.world.is_main:
+            print(f"timing: {step_s * 1e3:.1f} ms per step, {eval_s:.2f} s per evaluation "
+                  f"-> {steps:,} steps fit in {minutes:g} minutes")
+        return self.world.broadcast(steps, self.device)  # every process must run the same schedule
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.started
+
+    def checkpoint(self) -> dict:
+        return {"format": FORMAT, "model": self.model.state_dict(), "model_config": asdict(self.model.config),
+                "vocab": self.vocab.state_dict(), "train_config": asdict(self.cfg),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                "total_steps": self.total_steps, "tokens": self.tokens, "elapsed_s": self.elapsed()}
+
+    def record(self, train_loss: float | None, val_loss: float | None, tokens_per_s: float | None) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "train_loss": train_loss, "val_loss": val_loss,
+                "val_ppl": None if val_loss is None else math.exp(val_loss), "tokens_per_s": tokens_per_s,
+                "lr": None if self.step == 0 else learning_rate(self.step - 1, self.cfg.lr, self.cfg.warmup, self.total_steps),
+                "elapsed_s": round(self.elapsed(), 3)}
+
+    def fit(self, stop: StopRequest, out: Path) -> int:
+        """Train up to total_steps (or --stop-at); returns the exit code (0, or 128 + signal)."""
+        cfg, main = self.cfg, self.world.is_main
+        end = self.total_steps if cfg.stop_at is None else min(cfg.stop_at, self.total_steps)
+        metrics = MetricsLog(out / METRICS_NAME, None if self.step == 0 else self.step) if main else None
+        if self.step == 0 and main:  # the untrained model: about ln(vocab size), the start of the curve
+            metrics.append(self.record(None, self.evaluate(cfg.eval_windows), None))
+        progress = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not main, dynamic_ncols=True)
+        window = (time.perf_counter(), self.step)  # tokens/s is measured over the steps since the last log
+        stopped, val_loss = False, None
+        while self.step < end and not stopped:
+            loss = self.train_one(self.step, self.total_steps)
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            progress.update()
+            is_log = self.step % cfg.log_interval == 0 or self.step % cfg.eval_interval == 0 or self.step == self.total_steps
+            if is_log:  # the only place the loop waits for the device
+                val_loss = self.log(loss, window, metrics, progress, out)
+            # One process checks the signal flag every step; many agree at log steps only, since
+            # agreeing is a collective operation that waits for every process.
+            stopped = self.world.any(stop.signum is not None, self.device) if is_log or self.world.size == 1 else False
+            if main and self.step % cfg.ckpt_interval == 0 and self.step < end and not stopped:
+                save_checkpoint(out / CKPT_NAME, self.checkpoint())
+            if is_log:
+                window = (time.perf_counter(), self.step)  # leave evaluation and saving out of tokens/s
+        progress.close()
+        if main:
+            save_checkpoint(out / CKPT_NAME, self.checkpoint())
+            metrics.close()
+            if stopped:
+                cause = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
+                print(f"stopped by {cause} after step {self.step}; checkpoint saved, continue with --resume")
+            elif self.step == self.total_steps:
+                self.report(val_loss if val_loss is not None else self.evaluate())  # None: it had already finished
+        return stop.exit_code if stopped else 0
+
+    def log(self, loss: torch.Tensor, window: tuple[float, int], metrics: MetricsLog | None, progress: tqdm,
+            out: Path) -> float | None:
+        """Average the step's loss over the processes; on rank 0 evaluate when due (the whole
+        validation split at the last step), write the metrics line and update the plot.
+        Returns the validation loss, or None when there was no evaluation."""
+        train_loss = self.world.mean(loss)
+        tokens_per_s = (self.step - window[1]) * self.tokens_per_step / (time.perf_counter() - window[0])
+        if not self.world.is_main:
+            return None
+        is_last = self.step == self.total_steps
+        val_loss = None
+        if self.step % self.cfg.eval_interval == 0 or is_last:
+            val_loss = self.evaluate(0 if is_last else self.cfg.eval_windows)
+        metrics.append(self.record(train_loss, val_loss, tokens_per_s))
+        progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        if val_loss is not None:
+            progress.write(f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                           f"val perplexity {math.exp(val_loss):.2f}")
+            plot_losses(metrics.records, out / PLOT_NAME)
+        return val_loss
+
+    def report(self, val_loss: float) -> None:
+        """The final result, the baselines, and a sample of the model's writing."""
+        print(f"val loss {val_loss:.4f}, val perplexity {math.exp(val_loss):.2f} "
+              f"(all {len(self.val_inputs):,} validation windows of {self.cfg.seq_len} tokens)")
+        print("baselines, val perplexity: " + ", ".join(f"{name} {ppl:g}" for name, ppl in BASELINES))
+        prompt = self.vocab.decode(self.data.val[:16])
+        print("sample, prompted with the first 16 validation tokens:")
+        print(complete(self.model, self.vocab, prompt, tokens=100, seed=self.cfg.seed, device=self.device))
+
+    def describe(self) -> str:
+        cfg, config = self.cfg, self.model.config
+        return (f"model: {self.model.num_parameters():,} parameters (n_layer {config.n_layer}, n_head {config.n_head}, "
+                f"d_model {config.d_model}, {config.head} head, attention {config.attn}); "
+                f"data: {len(self.data.train):,} train / {len(self.data.val):,} val tokens, vocabulary {len(self.vocab):,}\n"
+                f"device {self.device}, {cfg.dtype}{', compiled' if cfg.compile else ''}; {self.world.size} process(es); "
+                f"global batch {cfg.batch_size} x {cfg.grad_accum} x {self.world.size} sequences of {cfg.seq_len} tokens")
+
+
+def train(cfg: TrainConfig, state: dict | None = None) -> int:
+    """Run (or resume) training as configured; returns the process exit code."""
+    world, device = setup_world(cfg.device)
+    try:
+        out = Path(cfg.out)
+        if world.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            if state is None and (out / CKPT_NAME).exists():
+                raise ValueError(f"{out / CKPT_NAME} exists; continue it with --resume, or choose another --out")
+        with StopRequest() as stop:
+            trainer = Trainer(cfg, world, device, state)
+            if world.is_main:
+                print(trainer.describe())
+            if trainer.total_steps is None:
+                trainer.total_steps = trainer.steps_in_budget(cfg.minutes)
+            if world.is_main:
+                print(f"training steps {trainer.step:,} -> {trainer.total_steps:,}; writing {out}/")
+            return trainer.fit(stop, out)
+    finally:
+        if world.size > 1:
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    # float32 matmuls may use TF32 on GPUs that have it (Ampere and later): several times faster,
+    # with a 10-bit mantissa in the products that training does not notice.
+    torch.set_float32_matmul_precision("high")
+    try:
+        cfg, state = configure(argv)
+        return train(cfg, state)
+    except (DataError, CheckpointError, ValueError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

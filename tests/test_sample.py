@@ -1,0 +1,81 @@
+"""gpt.sample: text from a checkpoint, reproducible by seed, and one-line errors."""
+import pytest
+
+from gpt import sample, train
+from gpt.checkpoint import load_checkpoint, restore_model
+from test_data import shakespeare_path
+from test_train import one_thread, run_module, tiny_args, write_corpus  # noqa: F401  (one_thread: a fixture)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny model trained for a few steps on the synthetic corpus."""
+    root = tmp_path_factory.mktemp("sample")
+    corpus = write_corpus(root / "corpus.txt")
+    assert train.main(tiny_args(corpus, root / "out", "--steps", "6")) == 0
+    return root / "out" / "ckpt.pt"
+
+
+def one_line_error(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_the_command_line_continues_the_prompt(checkpoint):
+    result = run_module("gpt.sample", ["--ckpt", str(checkpoint), "--prompt", "The king", "--tokens", "30"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The king") and len(result.stdout) > len("The king\n")
+    assert "Traceback" not in result.stderr
+
+
+def test_the_same_seed_gives_the_same_text(checkpoint, capsys):
+    texts = []
+    for seed in ("1", "1", "2"):
+        assert sample.main(["--ckpt", str(checkpoint), "--prompt", "Thou art", "--tokens", "40", "--seed", seed]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] != texts[2]
+
+
+def test_complete_returns_the_prompt_and_the_new_tokens(checkpoint):
+    model, vocab = restore_model(load_checkpoint(checkpoint))
+    text = sample.complete(model, vocab, "Good night", tokens=0)
+    assert text == "Good night"
+    assert sample.complete(model, vocab, "Good night", tokens=25, top_k=1) == \
+        sample.complete(model, vocab, "Good night", tokens=25, top_k=1, seed=99)  # top-1 is greedy
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    assert sample.main(["--ckpt", str(tmp_path / "none.pt")]) == 2
+    assert "no checkpoint at" in one_line_error(capsys)
+
+
+def test_corrupt_checkpoint(tmp_path, capsys):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    assert sample.main(["--ckpt", str(path)]) == 2
+    assert "not a readable checkpoint" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("prompt, message", [("Gandalf speaks", "'Gandalf'"), ("", "the prompt is empty")])
+def test_prompt_outside_the_vocabulary(checkpoint, capsys, prompt, message):
+    assert sample.main(["--ckpt", str(checkpoint), "--prompt", prompt]) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_unknown_word_from_the_command_line_is_one_line(checkpoint):
+    result = run_module("gpt.sample", ["--ckpt", str(checkpoint), "--prompt", "Gandalf"])
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "not in the vocabulary" in result.stderr
+
+
+def test_the_default_model_trains_on_the_real_corpus_and_speaks_to_romeo(tmp_path, capsys):
+    """The default configuration (adaptive head, full vocabulary) for one step, then a sample."""
+    out = tmp_path / "out"
+    assert train.main(["--data", str(shakespeare_path()), "--out", str(out), "--device", "cpu", "--steps", "100",
+                       "--stop-at", "1", "--batch-size", "4", "--eval-windows", "8"]) == 0
+    state = load_checkpoint(out / "ckpt.pt")
+    assert state["model_config"]["head"] == "adaptive" and state["model_config"]["vocab_size"] == 34_216
+    capsys.readouterr()
+    assert sample.main(["--ckpt", str(out / "ckpt.pt"), "--prompt", "ROMEO.", "--tokens", "20"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO.")

@@ -1,0 +1,309 @@
+"""gpt.train: schedule, optimizer groups, train_step, outputs of a run, exact resume, signals, errors.
+
+Most runs use a tiny model on a small synthetic corpus, in this process (fast); the tests of
+exit codes and stderr run `python -m gpt.train` in a subprocess. The helpers at the top are
+shared with test_sample.py and test_distributed.py.
+"""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from gpt import train
+from gpt.checkpoint import REQUIRED_KEYS, load_checkpoint
+from gpt.data import TokenData
+from gpt.model import GPTConfig
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ("the king queen lord my good sir and of to love thou art thy heart death night day "
+         "shall not be what is come go speak").split()
+
+
+def write_corpus(path: Path, n_lines: int = 3000, seed: int = 0) -> Path:
+    """A fake Project Gutenberg file: random sentences between the START and END marker lines."""
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))).capitalize() + rng.choice(".,!?")
+             for _ in range(n_lines)]
+    path.write_text("The Project Gutenberg eBook\n"
+                    "*** START OF THE PROJECT GUTENBERG EBOOK THE COMPLETE WORKS OF WILLIAM SHAKESPEARE ***\n"
+                    + "\n".join(lines) + "\n*** END OF THE PROJECT GUTENBERG EBOOK ***\n", encoding="utf-8")
+    return path
+
+
+def tiny_args(corpus: Path, out: Path, *extra: str) -> list[str]:
+    """Flags of a tiny run (~20k parameters, milliseconds per step) on the synthetic corpus."""
+    return ["--data", str(corpus), "--out", str(out), "--device", "cpu", "--head", "full", "--n-layer", "1",
+            "--n-head", "2", "--d-model", "32", "--seq-len", "16", "--batch-size", "8", "--warmup", "2",
+            "--log-interval", "2", "--eval-interval", "4", "--eval-windows", "16", "--ckpt-interval", "4", *extra]
+
+
+def run_module(module: str, args: list[str], env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m module args` from the repository root, on one CPU thread (the machine may be shared)."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def start_module(module: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def wait_for(condition, timeout: float = 60, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def metrics(out: Path) -> list[dict]:
+    """Every line of out/metrics.jsonl, parsed; fails if any line does not parse."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_losses(a: list[dict], b: list[dict], rel: float = 1e-6) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("train_loss", "val_loss"):
+            assert (ra[key] is None) == (rb[key] is None), (ra, rb)
+            if ra[key] is not None:
+                assert ra[key] == pytest.approx(rb[key], rel=rel, abs=1e-7), (key, ra, rb)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return write_corpus(tmp_path / "corpus.txt")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and much faster on a machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces
+
+
+def test_every_flag_has_one_line_of_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for name in train.TrainConfig.__dataclass_fields__:
+        assert train.flag(name) in help_text
+    assert all(f.metadata["help"] for f in train.fields(train.TrainConfig))
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_a_tenth():
+    lr = [train.learning_rate(step, 1.0, warmup=10, total_steps=110) for step in range(110)]
+    assert lr[0] == pytest.approx(0.1) and lr[4] == pytest.approx(0.5) and lr[9] == pytest.approx(1.0)
+    assert lr[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lr[9:], lr[10:]))  # never increases after warmup
+    assert lr[60] == pytest.approx(0.55)  # halfway: the cosine is at its midpoint
+    assert train.learning_rate(110, 1.0, 10, 110) == pytest.approx(train.FINAL_LR_FRACTION)
+    assert train.learning_rate(500, 1.0, 10, 110) == pytest.approx(train.FINAL_LR_FRACTION)
+
+
+@pytest.mark.parametrize("head, tie", [("full", False), ("full", True), ("adaptive", False)])
+def test_weight_decay_only_on_linear_weight_matrices(head, tie):
+    config = GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, d_model=16, head=head,
+                       tie_embeddings=tie, adaptive_cutoffs=[8, 32])
+    model = train.build_model(config, "cpu", seed=0)
+    decayed, not_decayed = train.configure_optimizer(model, 1e-3, 0.1, "cpu").param_groups
+    assert decayed["weight_decay"] == 0.1 and not_decayed["weight_decay"] == 0.0
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    assert {id(p) for p in decayed["params"]} == linear_weights - embeddings
+    assert all(p.dim() == 2 for p in decayed["params"])
+    everything = decayed["params"] + not_decayed["params"]
+    assert len(everything) == len({id(p) for p in everything}) == len(list(model.parameters()))
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    config = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, d_model=16, head="full")
+    x = torch.randint(0, 50, (8, 8), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 50, (8, 8), generator=torch.Generator().manual_seed(1))
+    results = []
+    for micro_batches in ([(x, y)], [(x[:4], y[:4]), (x[4:], y[4:])], [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]):
+        model = train.build_model(config, "cpu", seed=0)
+        # SGD: the update is the gradient itself (Adam's first step, ~lr * sign(gradient),
+        # would magnify the rounding differences of near-zero gradients).
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        loss = train.train_step(model, optimizer, micro_batches, lr=1.0, grad_clip=1.0)
+        assert loss.dim() == 0
+        results.append((loss.item(), torch.cat([p.flatten() for p in model.parameters()])))
+    for loss, params in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-5)
+        torch.testing.assert_close(params, results[0][1], rtol=1e-5, atol=1e-6)
+
+
+def test_train_config_validation_names_the_flag():
+    with pytest.raises(ValueError, match="--batch-size must be positive"):
+        train.TrainConfig(batch_size=0).validate()
+    with pytest.raises(ValueError, match="--dropout"):
+        train.TrainConfig(dropout=1.0).validate()
+    train.TrainConfig().validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole run
+
+
+def test_run_writes_metrics_checkpoint_plot_and_a_final_report(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train.main(tiny_args(corpus, out, "--steps", "8")) == 0
+    stdout = capsys.readouterr().out
+
+    records = metrics(out)
+    assert [r["step"] for r in records] == [0, 2, 4, 6, 8]
+    for record in records:
+        assert set(record) == {"step", "tokens", "train_loss", "val_loss", "val_ppl", "tokens_per_s", "lr", "elapsed_s"}
+        assert record["tokens"] == record["step"] * 8 * 16
+        if record["val_loss"] is not None:
+            assert record["val_ppl"] == pytest.approx(math.exp(record["val_loss"]))
+    assert [r["val_loss"] is not None for r in records] == [True, False, True, False, True]
+    data, vocab = train.load_data(str(corpus))
+    assert records[0]["val_loss"] == pytest.approx(math.log(len(vocab)), rel=0.1)  # untrained: ~ln(vocab)
+    assert records[-1]["val_loss"] < records[0]["val_loss"]
+
+    state = load_checkpoint(out / "ckpt.pt")
+    assert set(REQUIRED_KEYS) <= set(state)
+    assert state["step"] == state["total_steps"] == 8
+    assert state["model_config"]["block_size"] == 16 and state["model_config"]["attn"] == "reference"
+    assert state["train_config"]["batch_size"] == 8
+    assert not any(key.startswith(("_orig_mod", "module")) for key in state["model"])  # the unwrapped model
+
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert not list(out.glob("*.tmp"))
+
+    # The final evaluation covers the whole validation split.
+    n_windows = len(TokenData.sequences(data.val, 16)[0])
+    final = records[-1]["val_loss"]
+    assert f"val loss {final:.4f}, val perplexity {math.exp(final):.2f} (all {n_windows:,} validation windows" in stdout
+    assert "Kneser-Ney trigram 69" in stdout and "unigram 203" in stdout and "58.2" in stdout
+    assert "sample" in stdout
+
+
+@pytest.mark.parametrize("dropout", ["0.0", "0.2"])
+def test_resume_reproduces_an_uninterrupted_run(corpus, tmp_path, dropout):
+    flags = ["--steps", "8", "--dropout", dropout]
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    assert train.main(tiny_args(corpus, whole, *flags)) == 0
+    assert train.main(tiny_args(corpus, halves, *flags, "--stop-at", "4")) == 0
+    assert load_checkpoint(halves / "ckpt.pt")["step"] == 4
+    # Lines past the checkpoint (a run that died after logging) and a line cut by a crash are dropped.
+    with open(halves / "metrics.jsonl", "a") as file:
+        file.write(json.dumps({"step": 6, "train_loss": 1.0, "val_loss": None}) + '\n{"step": 7, "tra')
+    assert train.main(["--resume", "--out", str(halves)]) == 0  # the other settings come from the checkpoint
+    assert_same_losses(metrics(whole), metrics(halves))
+    a, b = load_checkpoint(whole / "ckpt.pt"), load_checkpoint(halves / "ckpt.pt")
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
+
+
+def test_minutes_fixes_the_step_count_once_and_resume_keeps_it(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert train.main(tiny_args(corpus, out, "--minutes", "0.03", "--stop-at", "2", "--eval-interval", "50")) == 0
+    assert "steps fit in 0.03 minutes" in capsys.readouterr().out
+    total = load_checkpoint(out / "ckpt.pt")["total_steps"]
+    assert total > 2
+    assert train.main(["--resume", "--out", str(out), "--stop-at", "4"]) == 0
+    state = load_checkpoint(out / "ckpt.pt")
+    assert state["step"] == 4 and state["total_steps"] == total
+
+
+def test_resume_cannot_change_the_model_shape_or_the_step_budget(corpus, tmp_path):
+    out = tmp_path / "out"
+    assert train.main(tiny_args(corpus, out, "--steps", "4", "--stop-at", "2")) == 0
+    with pytest.raises(ValueError, match="--d-model cannot change when resuming"):
+        train.configure(["--resume", "--out", str(out), "--d-model", "64"])
+    with pytest.raises(ValueError, match="--steps cannot change"):
+        train.configure(["--resume", "--out", str(out), "--steps", "9"])
+    config, state = train.configure(["--resume", "--out", str(out), "--lr", "0.01"])
+    assert config.lr == 0.01 and config.d_model == 32 and state["step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals and errors, as a user sees them
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_a_checkpoint_and_exits_with_128_plus_signal(corpus, tmp_path, signum):
+    out = tmp_path / "out"
+    process = start_module("gpt.train", tiny_args(corpus, out, "--steps", "100000", "--ckpt-interval", "100000"))
+    try:
+        wait_for(lambda: len(metrics(out)) >= 2 if (out / "metrics.jsonl").exists() else False, what="training")
+        process.send_signal(signum)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr
+    assert "checkpoint saved" in stdout
+    state = load_checkpoint(out / "ckpt.pt")
+    assert 2 <= state["step"] < 100000
+    assert all(r["step"] <= state["step"] for r in metrics(out))
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.fixture
+def stopped_run(corpus, tmp_path) -> Path:
+    """An out/ directory holding the checkpoint of a tiny run stopped after 2 of 4 steps."""
+    out = tmp_path / "stopped"
+    assert train.main(tiny_args(corpus, out, "--steps", "4", "--stop-at", "2")) == 0
+    return out
+
+
+def test_error_missing_data(tmp_path):
+    result = run_module("gpt.train", ["--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "out")])
+    assert_one_line_error(result, "does not exist")
+
+
+def test_error_unknown_backend(tmp_path):
+    assert_one_line_error(run_module("gpt.train", ["--attn", "cuda-magic"]), "invalid choice", "--attn")
+
+
+def test_error_triton_kernel_unavailable(corpus, tmp_path):
+    # Simulate a machine where the kernel cannot be imported (no Triton, or a broken install).
+    code = ("import sys; sys.modules['kernels.triton_attention'] = None; from gpt.train import main; "
+            f"sys.exit(main({tiny_args(corpus, tmp_path / 'out', '--attn', 'triton')!r}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert_one_line_error(result, "--attn triton is unavailable")
+
+
+def test_error_seq_len_above_block_size_when_resuming(stopped_run):
+    result = run_module("gpt.train", ["--resume", "--out", str(stopped_run), "--seq-len", "32"])
+    assert_one_line_error(result, "--seq-len 32 exceeds the model's block_size 16")
+
+
+def test_error_corrupt_checkpoint(stopped_run):
+    path = stopped_run / "ckpt.pt"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert_one_line_error(run_module("gpt.train", ["--resume", "--out", str(stopped_run)]), "not a readable checkpoint")
+
+
+def test_error_resume_without_checkpoint_and_overwrite_protection(stopped_run, tmp_path, corpus):
+    assert_one_line_error(run_module("gpt.train", ["--resume", "--out", str(tmp_path / "empty")]), "no checkpoint at")
+    result = run_module("gpt.train", tiny_args(corpus, stopped_run, "--steps", "4"))
+    assert_one_line_error(result, "exists; continue it with --resume")
