@@ -1,0 +1,228 @@
+"""Reversal: a synthetic task that shows what the causal mask does.
+
+Each sequence is n random digits, a separator, then the same digits reversed (n = 4):
+
+    tokens   3 1 4 1 | 1 4 1 3          | is SEPARATOR (id 10)
+    inputs   3 1 4 1 | 1 4 1            every token but the last
+    targets  1 4 1 | 1 4 1 3            every token but the first: next-token loss everywhere
+
+Target positions fall in three groups:
+    first half   targets d2..dn: fresh random digits nobody has seen yet, so a causal model can
+                 do no better than chance (1/10)
+    separator    target "|": always at position n, trivially predictable
+    second half  targets dn..d1: every one was read before the separator, so a model that
+                 attends to the right earlier position gets them all right (the first of them,
+                 dn, is the digit just before the separator)
+
+Without the mask (--no-mask) the model can read position t+1, which *is* the target of position
+t, and scores ~100% on the first half as well: it cheats, and the mask is what prevents that.
+
+    python -m gpt.reverse --attn reference --out runs/reverse
+"""
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+import kernels
+from gpt.model import GPT, GPTConfig
+from gpt.sample import ArgumentParser, pick_device
+
+SEPARATOR = 10  # digits are ids 0..9
+VOCAB_SIZE = 11
+CHANCE = 0.1  # a fresh random digit is one of 10
+N_HELD_OUT = 1_000  # evaluation sequences, never used for training
+HELD_OUT_SEED = 1_234_567  # fixed: every run is scored on the same sequences
+MIN_DIGITS, MAX_DIGITS = 4, 18  # 10^4 sequences >> N_HELD_OUT; 10^18 still fits an int64 code
+
+
+@dataclass
+class ReverseSettings:
+    n_digits: int = 8
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    attn: str = "reference"
+    pos_embedding: str = "learned"
+    causal: bool = True
+    device: str = "cpu"
+
+    def model_config(self) -> GPTConfig:
+        """A small GPT sized for the task: 2 blocks, 2 heads of 32 dimensions."""
+        return GPTConfig(vocab_size=VOCAB_SIZE, block_size=2 * self.n_digits, n_layer=2, n_head=2, d_model=64,
+                         attn=self.attn, pos_embedding=self.pos_embedding, causal=self.causal)
+
+
+def random_digits(n_sequences: int, n_digits: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, 10, (n_sequences, n_digits), generator=generator)
+
+
+def reversal_examples(digits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Digits (B, n) -> (inputs, targets), each (B, 2n): digits | reversed digits, shifted by one."""
+    separator = torch.full_like(digits[:, :1], SEPARATOR)
+    tokens = torch.cat([digits, separator, digits.flip(1)], dim=1)  # (B, 2n + 1)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def target_groups(n_digits: int) -> dict[str, slice]:
+    """Which target positions (0..2n-1) are the first half, the separator and the second half."""
+    return {"first_half": slice(0, n_digits - 1), "separator": slice(n_digits - 1, n_digits),
+            "second_half": slice(n_digits, 2 * n_digits)}
+
+
+def held_out_digits(n_digits: int) -> torch.Tensor:
+    return random_digits(N_HELD_OUT, n_digits, torch.Generator().manual_seed(HELD_OUT_SEED))
+
+
+def _codes(digits: torch.Tensor) -> torch.Tensor:
+    """Each row of digits as one integer, to compare sequences quickly."""
+    return (digits * 10 ** torch.arange(digits.shape[1])).sum(dim=1)
+
+
+def training_batches(settings: ReverseSettings) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless fresh batches (seeded by settings.seed); a held-out sequence drawn is redrawn."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    held_out = _codes(held_out_digits(settings.n_digits))
+    while True:
+        digits = random_digits(settings.batch_size, settings.n_digits, generator)
+        clash = torch.isin(_codes(digits), held_out)
+        while clash.any():
+            digits[clash] = random_digits(int(clash.sum()), settings.n_digits, generator)
+            clash = torch.isin(_codes(digits), held_out)
+        inputs, targets = reversal_examples(digits)
+        yield inputs.to(settings.device), targets.to(settings.device)
+
+
+def train(model: GPT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float,
+          after_backward: Callable[[int, GPT], None] | None = None) -> list[float]:
+    """AdamW on next-token loss for `steps` batches; returns the loss of every step.
+
+    after_backward(step, model) runs once the gradients exist, before the update (to record them).
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in range(steps):
+        inputs, targets = next(batches)
+        _, loss = model(inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if after_backward is not None:
+            after_backward(step, model)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model: GPT, n_digits: int) -> dict:
+    """Accuracy of the greedy (argmax) prediction at each target position on the held-out set."""
+    model.eval()
+    device = next(model.parameters()).device
+    inputs, targets = reversal_examples(held_out_digits(n_digits).to(device))
+    logits, _ = model(inputs)
+    correct = (logits.argmax(dim=-1) == targets).float()  # (N_HELD_OUT, 2n)
+    per_position = correct.mean(dim=0)
+    groups = target_groups(n_digits)
+    return {
+        "per_position_accuracy": [round(a, 4) for a in per_position.tolist()],
+        "first_half_accuracy": round(correct[:, groups["first_half"]].mean().item(), 4),
+        "separator_accuracy": round(correct[:, groups["separator"]].mean().item(), 4),
+        "second_half_accuracy": round(correct[:, groups["second_half"]].mean().item(), 4),
+        "chance": CHANCE,
+    }
+
+
+def run(settings: ReverseSettings) -> tuple[GPT, dict, list[float]]:
+    """Train a fresh model on the task and score it: (model, evaluate's dict, per-step losses)."""
+    torch.manual_seed(settings.seed)
+    model = GPT(settings.model_config()).to(settings.device)
+    losses = train(model, training_batches(settings), settings.steps, settings.lr)
+    return model, evaluate(model, settings.n_digits), losses
+
+
+def position_labels(n_digits: int) -> list[str]:
+    """What each target position predicts: inK is input digit K (digit 1 is never a target), "|" the
+    separator, outK the K-th digit of the reversed half."""
+    return [f"in{i}" for i in range(2, n_digits + 1)] + ["|"] + [f"out{i}" for i in range(1, n_digits + 1)]
+
+
+def parse_args(argv: list[str] | None) -> tuple[ReverseSettings, Path]:
+    """Command line -> (settings, output directory); a bad flag exits with one line and status 2."""
+    parser = ArgumentParser(prog="python -m gpt.reverse", description=__doc__.split("\n")[0])
+    defaults = ReverseSettings()
+    parser.add_argument("--out", required=True, help="directory for reverse.json")
+    parser.add_argument("--attn", choices=kernels.BACKENDS, default=defaults.attn, help="attention backend")
+    parser.add_argument("--no-mask", action="store_true",
+                        help="debugging control: remove the causal mask so positions see the future (cheats)")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--n-digits", type=int, default=defaults.n_digits)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--pos-embedding", choices=("learned", "sinusoidal", "none"), default=defaults.pos_embedding)
+    parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
+    args = parser.parse_args(argv)
+
+    if args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}")
+    if not MIN_DIGITS <= args.n_digits <= MAX_DIGITS:
+        parser.error(f"--n-digits must be in {MIN_DIGITS}..{MAX_DIGITS}, got {args.n_digits}")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be in 0..2**63-1, got {args.seed}")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0 < args.lr < float("inf"):
+        parser.error(f"--lr must be a positive number, got {args.lr}")
+    try:
+        device = pick_device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} exists and is not a directory")
+    settings = ReverseSettings(n_digits=args.n_digits, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                               seed=args.seed, attn=args.attn, pos_embedding=args.pos_embedding,
+                               causal=not args.no_mask, device=str(device))
+    config = settings.model_config()
+    try:  # triton is imported on first use and supports some head sizes only: find out before training
+        q = torch.zeros(1, config.n_head, 2, config.d_model // config.n_head, device=device)
+        kernels.attention(q, q, q, backend=config.attn)
+    except (ImportError, ValueError) as err:
+        parser.error(f"--attn {args.attn} cannot run here ({str(err).splitlines()[0]})")
+    return settings, out
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings, out = parse_args(argv)
+    mask = "causal mask" if settings.causal else "NO MASK (debugging control: the model can read the future)"
+    print(f"reversing {settings.n_digits} digits | attn={settings.attn} | {mask} | {settings.steps} steps")
+    started = time.perf_counter()
+    _, results, losses = run(settings)
+    seconds = time.perf_counter() - started
+
+    # The n-1 unseen digits cost ln(10) each at best; the other n+1 targets can cost ~0.
+    floor = (settings.n_digits - 1) / (2 * settings.n_digits) * math.log(10)
+    print(f"trained in {seconds:.1f}s, final loss {losses[-1]:.4f} (a causal model cannot go below {floor:.4f})")
+    print("target     accuracy")
+    for label, accuracy in zip(position_labels(settings.n_digits), results["per_position_accuracy"]):
+        print(f"{label:<10} {accuracy:.3f}")
+    print(f"first half  (predicting unseen input digits) {results['first_half_accuracy']:.3f}  chance {CHANCE}")
+    print(f"second half (predicting the reversed digits) {results['second_half_accuracy']:.3f}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    record = {**results, "position_labels": position_labels(settings.n_digits), "final_loss": losses[-1],
+              "train_seconds": round(seconds, 1), "settings": asdict(settings)}
+    path = out / "reverse.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
