@@ -139,34 +139,41 @@ class TokenData:
         return cls(train=ids[:n_train], val=ids[n_train:])
 
     @staticmethod
-    def sequences(ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cut ids into non-overlapping (inputs, targets) windows, each (n_seq, seq_len).
+    def sequences(ids: torch.Tensor, seq_len: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cut ids[offset:] into non-overlapping chunks of seq_len + 1 tokens; return (inputs, targets),
+        each (n_seq, seq_len): inputs = chunk[:-1], targets = chunk[1:].
 
-        Window i holds ids[i*T : (i+1)*T] and predicts ids[i*T+1 : (i+1)*T+1]: every token is
-        the input of exactly one window (a tail shorter than one window is left out).
+        Every token belongs to exactly one chunk (a tail shorter than one chunk is left out).
         """
-        n_seq = (len(ids) - 1) // seq_len
+        chunk = seq_len + 1
+        n_seq = (len(ids) - offset) // chunk
         if n_seq < 1:
-            raise ValueError(f"need more than {seq_len} tokens for one sequence of --seq-len {seq_len}, got {len(ids)}")
-        inputs = ids[: n_seq * seq_len].view(n_seq, seq_len)
-        targets = ids[1: n_seq * seq_len + 1].view(n_seq, seq_len)
-        return inputs, targets
+            raise ValueError(f"need at least {chunk} tokens for one sequence of --seq-len {seq_len}, got {len(ids) - offset}")
+        chunks = ids[offset: offset + n_seq * chunk].view(n_seq, chunk)
+        return chunks[:, :-1], chunks[:, 1:]
 
     def train_batch(self, step: int, batch_size: int, seq_len: int, seed: int,
                     rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch for `step`: a pure function of its arguments, so a resumed run sees the same data.
 
-        Each epoch visits every training window once, in an order shuffled by (seed, epoch).
-        With world_size > 1 the global batch of batch_size * world_size windows is split so that
+        Each epoch cuts the training split into non-overlapping chunks (see `sequences`) starting
+        at an offset drawn from (seed, epoch), and visits every chunk once in a shuffled order.
+        Why the offset moves: `\\b` tokens strictly alternate word / non-word, so with chunk
+        starts fixed at one parity a model learns "even positions hold words" from its position
+        embedding, and fails on text cut at the other parity (the validation split starts at an odd
+        token). Moving starts (and odd chunk lengths, seq_len + 1 for an even seq_len) show both.
+        With world_size > 1 the global batch of batch_size * world_size chunks is split so that
         each rank gets a disjoint share.
         """
-        inputs, targets = self.sequences(self.train, seq_len)
-        n_seq = len(inputs)
+        n_seq = (len(self.train) - seq_len) // (seq_len + 1)  # chunks that fit after any offset <= seq_len
         global_batch = batch_size * world_size
-        if global_batch > n_seq:
+        if not 0 < global_batch <= n_seq:
             raise ValueError(f"batch of {global_batch} sequences exceeds the {n_seq} training sequences")
         batches_per_epoch = n_seq // global_batch
         epoch, position = divmod(step, batches_per_epoch)
-        order = torch.randperm(n_seq, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        offset = int(torch.randint(0, seq_len + 1, (), generator=generator))
+        inputs, targets = self.sequences(self.train[: offset + n_seq * (seq_len + 1)], seq_len, offset)
+        order = torch.randperm(n_seq, generator=generator)
         chosen = order[position * global_batch:(position + 1) * global_batch][rank::world_size]
         return inputs[chosen], targets[chosen]

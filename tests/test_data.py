@@ -78,12 +78,15 @@ def test_split_is_the_first_90_and_last_10_percent(shakespeare):
 # Windows and batches
 
 
-def test_sequences_are_non_overlapping_windows_with_targets_shifted_by_one():
-    inputs, targets = TokenData.sequences(torch.arange(35), seq_len=8)
-    assert inputs.shape == targets.shape == (4, 8)  # 34 usable tokens: the tail of 2 is dropped
-    assert torch.equal(inputs.flatten(), torch.arange(32))
+def test_sequences_are_non_overlapping_chunks_with_targets_shifted_by_one():
+    inputs, targets = TokenData.sequences(torch.arange(30), seq_len=8)
+    assert inputs.shape == targets.shape == (3, 8)  # 3 chunks of 9 tokens: the tail of 3 is dropped
+    assert torch.equal(inputs[:, 0], torch.tensor([0, 9, 18]))
     assert torch.equal(targets, inputs + 1)
-    with pytest.raises(ValueError, match="need more than 8 tokens"):
+    assert torch.equal(torch.cat([inputs, targets[:, -1:]], 1).flatten(), torch.arange(27))  # each token once
+    shifted, _ = TokenData.sequences(torch.arange(30), seq_len=8, offset=2)
+    assert torch.equal(shifted[:, 0], torch.tensor([2, 11, 20]))
+    with pytest.raises(ValueError, match="need at least 9 tokens"):
         TokenData.sequences(torch.arange(8), seq_len=8)
 
 
@@ -95,13 +98,24 @@ def test_train_batch_is_a_pure_function_of_its_arguments():
     assert not torch.equal(a[0], data.train_batch(8, 16, 8, seed=3)[0])
 
 
-def test_an_epoch_visits_every_window_once():
-    data = numbered(8 * 64 + 1)  # 64 windows of 8 tokens, 8 batches of 8 per epoch
-    seen = torch.cat([data.train_batch(step, 8, 8, seed=0)[0][:, 0] // 8 for step in range(8)])
-    assert sorted(seen.tolist()) == list(range(64))
-    next_epoch = torch.cat([data.train_batch(step, 8, 8, seed=0)[0][:, 0] // 8 for step in range(8, 16)])
-    assert sorted(next_epoch.tolist()) == list(range(64))
-    assert not torch.equal(seen, next_epoch)  # reshuffled
+def test_an_epoch_visits_every_chunk_once_from_an_offset_that_moves():
+    data = numbered(9 * 64 + 8)  # 64 chunks of 9 tokens fit after any offset in 0..8
+    epochs = [torch.cat([data.train_batch(step, 8, 8, seed=0)[0] for step in range(8 * e, 8 * e + 8)])
+              for e in range(4)]  # 8 batches of 8 per epoch
+    offsets = set()
+    for inputs in epochs:
+        starts = inputs[:, 0].sort().values
+        offsets.add(int(starts[0]))
+        assert torch.equal(starts, starts[0] + 9 * torch.arange(64))  # every chunk once, none overlapping
+    assert len(offsets) > 1  # the chunk boundaries move between epochs
+    assert not torch.equal(epochs[0][:, 0], epochs[0][:, 0].sort().values)  # shuffled
+
+
+def test_chunk_starts_mix_word_and_non_word_parity():
+    """Tokens alternate word / non-word; a model must see chunks starting at both parities."""
+    data = numbered(10_000)
+    starts = torch.cat([data.train_batch(step, 16, 64, seed=0)[0][:, 0] for step in range(4)])
+    assert 0.3 < (starts % 2).float().mean() < 0.7
 
 
 def test_ranks_split_the_global_batch_disjointly():
