@@ -11,6 +11,7 @@ Reading order, top to bottom:
 Attention itself is one call, `kernels.attention(q, k, v, causal=..., backend=...)`: the
 model never looks at which backend runs it.
 """
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -50,7 +51,8 @@ class GPTConfig:
         if self.head == "adaptive" and self.tie_embeddings:
             raise ValueError("tie_embeddings needs head='full': the adaptive head has no (vocab, d_model) matrix")
         if self.head == "adaptive" and not 0 < min(self.adaptive_cutoffs) <= max(self.adaptive_cutoffs) < self.vocab_size:
-            raise ValueError(f"adaptive_cutoffs {self.adaptive_cutoffs} must lie inside (0, vocab_size={self.vocab_size})")
+            raise ValueError(f"adaptive_cutoffs {self.adaptive_cutoffs} must lie inside (0, vocab_size={self.vocab_size}); "
+                             "for a vocabulary this small use head='full' (--head full)")
         kernels.resolve_backend(self.attn, "cpu")  # fail early on an unknown backend name
 
 
@@ -231,8 +233,16 @@ class GPT(nn.Module):
         """
         if self.config.head == "full":
             return self.lm_head(hidden)
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        return self.lm_head.log_prob(flat).view(*hidden.shape[:-1], -1)
+        with self._adaptive_head_in_float32(hidden) as flat:
+            return self.lm_head.log_prob(flat).view(*hidden.shape[:-1], -1)
+
+    @contextlib.contextmanager
+    def _adaptive_head_in_float32(self, hidden: torch.Tensor):
+        """(..., d_model) -> (N, d_model) float32 with autocast off: AdaptiveLogSoftmaxWithLoss
+        copies its clusters' log-probabilities into one float32 buffer, which fails when
+        autocast has made some of them bfloat16; the head is small, so float32 costs little."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            yield hidden.reshape(-1, hidden.shape[-1]).float()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Returns (logits, loss).
@@ -246,8 +256,8 @@ class GPT(nn.Module):
         if targets is None:
             return self.logits(hidden), None
         if self.config.head == "adaptive":
-            loss = self.lm_head(hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)).loss
-            return None, loss
+            with self._adaptive_head_in_float32(hidden) as flat:
+                return None, self.lm_head(flat, targets.reshape(-1)).loss
         logits = self.lm_head(hidden)
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
         return logits, loss

@@ -168,3 +168,16 @@ def test_a_few_training_steps_follow_the_reference_loss_curve(backend):
         curves.append(losses)
     assert curves[0][-1] < curves[0][0] - 0.05  # the curve does go down
     torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_adaptive_head_trains_under_bfloat16_autocast():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(vocab_size=500, head="adaptive", adaptive_cutoffs=[50, 200]))
+    idx, targets = tokens(2, 16, 500), tokens(2, 16, 500, seed=1)
+    _, expected = model(idx, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(idx, targets)
+        log_probs, _ = model(idx)
+    loss.backward()
+    assert loss.dtype == torch.float32 and log_probs.dtype == torch.float32
+    assert abs(loss.item() - expected.item()) < 0.05  # bfloat16 body, float32 head
