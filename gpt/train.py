@@ -232,8 +232,8 @@ def load_data(path: str | None = None, vocab: Vocab | None = None) -> tuple[Toke
     try:
         return TokenData.from_text(text, vocab), vocab
     except ValueError:  # words the vocabulary lacks
-        raise DataError(f"the data has words that the checkpoint's vocabulary lacks: was it trained on other data? "
-                        f"pass the same --data as the run that wrote it") from None
+        raise DataError("the data has words that the checkpoint's vocabulary lacks: was it trained on other data? "
+                        "pass the same --data as the run that wrote it") from None
 
 
 def build_model(config: GPTConfig, device: torch.device | str, seed: int) -> GPT:
@@ -613,7 +613,10 @@ def train(cfg: TrainConfig, state: dict | None = None) -> int:
                 trainer.total_steps = trainer.steps_in_budget(cfg.minutes)
             if world.is_main:
                 print(f"training steps {trainer.step:,} -> {trainer.total_steps:,}; writing {out}/")
-            return trainer.fit(stop, out)
+            exit_code = trainer.fit(stop, out)
+            if world.size > 1:
+                dist.barrier()  # rank 0 may still be saving; a rank that leaves early can abort gloo
+            return exit_code
     finally:
         if world.size > 1:
             dist.destroy_process_group()
