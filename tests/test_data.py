@@ -4,26 +4,14 @@ The tests marked by the `shakespeare` fixture read the real Complete Works: from
 else ../shared/data/shakespeare.txt next to the repository. Without either they fail (not skip):
 CI must run them.
 """
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
 from gpt.data import DATA_ENV_VAR, DataError, TokenData, Vocab, load_shakespeare, tokenize
 from gpt.model import GPTConfig
+from helpers import shakespeare_path
 
-REPO = Path(__file__).resolve().parents[1]
 START = "*** START OF THE PROJECT GUTENBERG EBOOK THE COMPLETE WORKS OF WILLIAM SHAKESPEARE ***"
-
-
-def shakespeare_path() -> Path:
-    for candidate in (os.environ.get(DATA_ENV_VAR), REPO.parent / "shared" / "data" / "shakespeare.txt"):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    pytest.fail(f"the Complete Works are needed: set {DATA_ENV_VAR}=/path/to/pg100.txt "
-                "(Project Gutenberg eBook #100)")
-
 
 @pytest.fixture(scope="module")
 def shakespeare() -> tuple[str, Vocab, TokenData]:

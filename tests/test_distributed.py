@@ -8,10 +8,13 @@ import random
 import signal
 import time
 
+import pytest
+
 from gpt import train
 from gpt.checkpoint import SAVE_DELAY_ENV_VAR, load_checkpoint
-from test_train import (  # noqa: F401  (corpus and one_thread are fixtures)
-    assert_same_losses, corpus, metrics, one_thread, run_module, start_module, tiny_args, wait_for)
+from helpers import assert_same_losses, metrics, run_module, start_module, tiny_args, wait_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_processes_equal_one_with_double_batch_and_one_with_accumulation(corpus, tmp_path):

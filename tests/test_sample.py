@@ -3,8 +3,9 @@ import pytest
 
 from gpt import sample, train
 from gpt.checkpoint import load_checkpoint, restore_model
-from test_data import shakespeare_path
-from test_train import one_thread, run_module, tiny_args, write_corpus  # noqa: F401  (one_thread: a fixture)
+from helpers import run_module, shakespeare_path, tiny_args, write_corpus
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,14 @@
 """gpt.train: schedule, optimizer groups, train_step, outputs of a run, exact resume, signals, errors.
 
 Most runs use a tiny model on a small synthetic corpus, in this process (fast); the tests of
-exit codes and stderr run `python -m gpt.train` in a subprocess. The helpers at the top are
-shared with test_sample.py and test_distributed.py.
+exit codes and stderr run `python -m gpt.train` in a subprocess. Shared helpers are in
+helpers.py, fixtures in conftest.py.
 """
 import json
 import math
-import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,76 +19,9 @@ from gpt import train
 from gpt.checkpoint import REQUIRED_KEYS, load_checkpoint
 from gpt.data import TokenData
 from gpt.model import GPTConfig
+from helpers import (REPO, assert_same_losses, metrics, run_module, start_module, tiny_args, wait_for)
 
-REPO = Path(__file__).resolve().parents[1]
-WORDS = ("the king queen lord my good sir and of to love thou art thy heart death night day "
-         "shall not be what is come go speak").split()
-
-
-def write_corpus(path: Path, n_lines: int = 3000, seed: int = 0) -> Path:
-    """A fake Project Gutenberg file: random sentences between the START and END marker lines."""
-    rng = random.Random(seed)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))).capitalize() + rng.choice(".,!?")
-             for _ in range(n_lines)]
-    path.write_text("The Project Gutenberg eBook\n"
-                    "*** START OF THE PROJECT GUTENBERG EBOOK THE COMPLETE WORKS OF WILLIAM SHAKESPEARE ***\n"
-                    + "\n".join(lines) + "\n*** END OF THE PROJECT GUTENBERG EBOOK ***\n", encoding="utf-8")
-    return path
-
-
-def tiny_args(corpus: Path, out: Path, *extra: str) -> list[str]:
-    """Flags of a tiny run (~20k parameters, milliseconds per step) on the synthetic corpus."""
-    return ["--data", str(corpus), "--out", str(out), "--device", "cpu", "--head", "full", "--n-layer", "1",
-            "--n-head", "2", "--d-model", "32", "--seq-len", "16", "--batch-size", "8", "--warmup", "2",
-            "--log-interval", "2", "--eval-interval", "4", "--eval-windows", "16", "--ckpt-interval", "4", *extra]
-
-
-def run_module(module: str, args: list[str], env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python -m module args` from the repository root, on one CPU thread (the machine may be shared)."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def start_module(module: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def wait_for(condition, timeout: float = 60, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
-def metrics(out: Path) -> list[dict]:
-    """Every line of out/metrics.jsonl, parsed; fails if any line does not parse."""
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same_losses(a: list[dict], b: list[dict], rel: float = 1e-6) -> None:
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        for key in ("train_loss", "val_loss"):
-            assert (ra[key] is None) == (rb[key] is None), (ra, rb)
-            if ra[key] is not None:
-                assert ra[key] == pytest.approx(rb[key], rel=rel, abs=1e-7), (key, ra, rb)
-
-
-@pytest.fixture
-def corpus(tmp_path: Path) -> Path:
-    return write_corpus(tmp_path / "corpus.txt")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster on a machine shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
