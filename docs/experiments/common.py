@@ -69,9 +69,8 @@ def shakespeare(seq_len: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[
     The vocabulary is small: the SHAKESPEARE_VOCAB - 1 commonest words keep their ids and every
     rarer word (8.8% of tokens) becomes the last id. Ids are sorted by frequency, so that is a
     clamp; the output layer shrinks 17x and CPU runs take seconds.
-    Every 10th window of the training text is held out. (The project's validation split is the
-    last 10% of the book, other plays in a different layout: after a few hundred steps its loss
-    measures that layout shift more than the model.)
+    Every 10th window of the training split is held out: an in-distribution check that needs no
+    second pass over the project's validation split, which is enough to compare variants.
     """
     data, _ = load_data()
     inputs, targets = TokenData.sequences(data.train.clamp(max=SHAKESPEARE_VOCAB - 1), seq_len)
