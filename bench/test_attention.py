@@ -12,7 +12,6 @@ FLOP count (bench.flops), TFLOP/s at the median time and the device. The ratio t
 when the session ends (bench/conftest.py) and tabulated by `python -m bench.report`.
 """
 import pytest
-import torch
 
 from bench import common
 from bench.flops import (CPU_MODEL_DIM, CPU_TOKENS, GPU_MODEL_DIM, GPU_TOKENS, PASSES, AttentionShape,
