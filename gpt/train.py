@@ -70,7 +70,7 @@ class TrainConfig:
     n_layer: int = option(4, "transformer blocks")
     n_head: int = option(4, "attention heads per block; must divide --d-model")
     d_model: int = option(128, "width of the residual stream (embedding size)")
-    dropout: float = option(0.0, "dropout probability inside the model")
+    dropout: float = option(0.1, "dropout probability inside the model (regularizes the later epochs of a CPU run)")
     pos_embedding: str = option("learned", "how the model sees positions", choices=("learned", "sinusoidal", "none"))
     head: str = option("adaptive", "output layer: full softmax, or adaptive softmax (cheaper for rare words)", choices=("full", "adaptive"))
     tie_embeddings: bool = option(False, "share the token embedding with the output layer (needs --head full)")
