@@ -30,7 +30,7 @@ import torch
 
 import kernels
 from gpt.model import GPT, GPTConfig
-from gpt.sample import ArgumentParser, pick_device
+from gpt.cli import ArgumentParser, pick_device, resolve_attention
 
 SEPARATOR = 10  # digits are ids 0..9
 VOCAB_SIZE = 11
@@ -182,6 +182,7 @@ def parse_args(argv: list[str] | None) -> tuple[ReverseSettings, Path]:
         parser.error(f"--lr must be a positive number, got {args.lr}")
     try:
         device = pick_device(args.device)
+        resolve_attention(args.attn, device)  # Triton loads on first use: fail here, in one line, not mid-training
     except ValueError as err:
         parser.error(str(err))
     out = Path(args.out)
@@ -190,12 +191,6 @@ def parse_args(argv: list[str] | None) -> tuple[ReverseSettings, Path]:
     settings = ReverseSettings(n_digits=args.n_digits, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                seed=args.seed, attn=args.attn, pos_embedding=args.pos_embedding,
                                causal=not args.no_mask, device=str(device))
-    config = settings.model_config()
-    try:  # triton is imported on first use and supports some head sizes only: find out before training
-        q = torch.zeros(1, config.n_head, 2, config.d_model // config.n_head, device=device)
-        kernels.attention(q, q, q, backend=config.attn)
-    except (ImportError, ValueError) as err:
-        parser.error(f"--attn {args.attn} cannot run here ({str(err).splitlines()[0]})")
     return settings, out
 
 

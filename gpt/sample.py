@@ -6,13 +6,9 @@ The prompt is tokenized like the corpus (words, spaces and punctuation); every w
 the model's vocabulary. Expected problems (missing or corrupt checkpoint, unknown words, bad
 values) end with one line on stderr and exit code 2.
 
-Also the command-line, device and attention-backend helpers that gpt.train shares:
-    device = pick_device("cuda")                      # ValueError, in words, if there is no such device
-    backend = resolve_attention("auto", device)       # a concrete backend; ValueError if Triton cannot load
-    text = complete(model, vocab, "ROMEO.", tokens=200)
+gpt.train also uses `complete(model, vocab, "ROMEO.", tokens=200)` for the sample at the end of a run.
 """
 import argparse
-import importlib
 import sys
 
 import torch
@@ -20,44 +16,9 @@ import torch
 import kernels
 
 from .checkpoint import CheckpointError, load_checkpoint, restore_model
+from .cli import ArgumentParser, pick_device, resolve_attention
 from .data import Vocab, tokenize
 from .model import GPT
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in one line (exit code 2) instead of usage + error."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}; see {self.prog} --help\n")
-
-
-def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
-    """A device by name (None: cuda if available, else cpu); a bare "cuda" means GPU `local_rank`."""
-    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    return device
-
-
-def resolve_attention(name: str, device: torch.device) -> str:
-    """--attn -> a concrete backend for `device`. Fails here, in one line, if Triton cannot load,
-    rather than with a traceback at the first forward pass."""
-    backend = kernels.resolve_backend(name, device)
-    if backend == "triton":
-        try:
-            importlib.import_module("kernels.triton_attention")
-        except Exception as err:  # ImportError, or Triton failing to initialize: any reason is fatal here
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"--attn triton is unavailable ({reason}); use --attn sdpa or --attn reference") from None
-    return backend
 
 
 def complete(model: GPT, vocab: Vocab, prompt: str, tokens: int, temperature: float = 0.8, top_k: int | None = 200,

@@ -45,7 +45,8 @@ from .checkpoint import FORMAT, CheckpointError, atomic_write, load_checkpoint, 
 from .data import DataError, TokenData, Vocab, load_shakespeare, tokenize
 from .model import GPT, GPTConfig
 from .plot import plot_losses
-from .sample import ArgumentParser, complete, pick_device, resolve_attention
+from .cli import ArgumentParser, pick_device, resolve_attention
+from .sample import complete
 
 CKPT_NAME, METRICS_NAME, PLOT_NAME = "ckpt.pt", "metrics.jsonl", "loss.png"
 FINAL_LR_FRACTION = 0.1  # the cosine schedule ends at 10% of the peak learning rate

@@ -1,0 +1,44 @@
+"""Command-line helpers shared by gpt.train, gpt.sample and gpt.reverse: one-line argument
+errors, device selection and the attention-backend check, so every program fails the same way."""
+import argparse
+import importlib
+
+import torch
+
+import kernels
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (exit code 2) instead of usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
+    """A device by name (None: cuda if available, else cpu); a bare "cuda" means GPU `local_rank`."""
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def resolve_attention(name: str, device: torch.device) -> str:
+    """--attn -> a concrete backend for `device`. Fails here, in one line, if Triton cannot load,
+    rather than with a traceback at the first forward pass."""
+    backend = kernels.resolve_backend(name, device)
+    if backend == "triton":
+        try:
+            importlib.import_module("kernels.triton_attention")
+        except Exception as err:  # ImportError, or Triton failing to initialize: any reason is fatal here
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"--attn triton is unavailable ({reason}); use --attn sdpa or --attn reference") from None
+    return backend
