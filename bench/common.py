@@ -23,7 +23,6 @@ import datetime
 import functools
 import gc
 import importlib.metadata
-import importlib.util
 import math
 import os
 import platform
@@ -132,8 +131,9 @@ class BackendUnavailable(Exception):
 
 def triton_skip_reason(seqlen: int | None = None) -> str | None:
     """Why the triton backend is not benchmarked here at this length, or None if it is."""
-    if importlib.util.find_spec("kernels.triton_attention") is None:
-        return "kernels/triton_attention.py does not exist yet"
+    reason = kernels.unavailable_reason("triton", DEVICE)
+    if reason is not None:
+        return reason
     if not ON_CUDA and seqlen is not None and seqlen > TRITON_CPU_MAX_LEN:
         return (f"{INTERPRETER_REASON}; on CPU it is timed only by test_attention_tiny "
                 f"(or up to BENCH_TRITON_CPU_MAX_LEN={TRITON_CPU_MAX_LEN})")

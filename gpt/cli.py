@@ -1,7 +1,6 @@
 """Command-line helpers shared by gpt.train, gpt.sample and gpt.reverse: one-line argument
 errors, device selection and the attention-backend check, so every program fails the same way."""
 import argparse
-import importlib
 
 import torch
 
@@ -32,13 +31,10 @@ def pick_device(name: str | None, local_rank: int = 0) -> torch.device:
 
 
 def resolve_attention(name: str, device: torch.device) -> str:
-    """--attn -> a concrete backend for `device`. Fails here, in one line, if Triton cannot load,
+    """--attn -> a concrete backend for `device`. Fails here, in one line, if it cannot run,
     rather than with a traceback at the first forward pass."""
     backend = kernels.resolve_backend(name, device)
-    if backend == "triton":
-        try:
-            importlib.import_module("kernels.triton_attention")
-        except Exception as err:  # ImportError, or Triton failing to initialize: any reason is fatal here
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"--attn triton is unavailable ({reason}); use --attn sdpa or --attn reference") from None
+    reason = kernels.unavailable_reason(backend, device)
+    if reason is not None:
+        raise ValueError(f"--attn {reason}")
     return backend

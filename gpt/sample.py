@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=200, help="sample only among the k likeliest tokens; 0: all (default: 200)")
     parser.add_argument("--seed", type=int, default=1337, help="random seed; the same seed gives the same text (default: 1337)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
-    parser.add_argument("--attn", default="auto", choices=(*kernels.BACKENDS, "auto"),
+    parser.add_argument("--attn", default="auto", choices=kernels.BACKEND_CHOICES,
                         help="attention backend; auto: triton on CUDA, reference elsewhere (default: auto)")
     return parser
 

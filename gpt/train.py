@@ -75,7 +75,7 @@ class TrainConfig:
     pos_embedding: str = option("learned", "how the model sees positions", choices=("learned", "sinusoidal", "none"))
     head: str = option("adaptive", "output layer: full softmax, or adaptive softmax (cheaper for rare words)", choices=("full", "adaptive"))
     tie_embeddings: bool = option(False, "share the token embedding with the output layer (needs --head full)")
-    attn: str = option("auto", "attention backend; auto: triton on CUDA, reference elsewhere", choices=(*kernels.BACKENDS, "auto"))
+    attn: str = option("auto", "attention backend; auto: triton on CUDA, reference elsewhere", choices=kernels.BACKEND_CHOICES)
     # Optimization.
     batch_size: int = option(32, "sequences per micro-batch per process")
     seq_len: int = option(64, "tokens per training sequence; also the model's block_size (context length)")

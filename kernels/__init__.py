@@ -9,12 +9,15 @@ Backends:
     triton     our fused FlashAttention-2-style kernel (interpreted, slowly, without CUDA)
     auto       triton on CUDA, reference elsewhere
 """
+import importlib
+
 import torch
 
 from . import reference, sdpa
 from .checks import check_attention_inputs
 
 BACKENDS = ("reference", "sdpa", "triton")
+BACKEND_CHOICES = (*BACKENDS, "auto")  # what a --attn flag accepts
 
 
 def _triton_attention(q, k, v, *, causal, scale):
@@ -37,8 +40,33 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     if backend == "auto":
         return "triton" if torch.device(device).type == "cuda" else "reference"
     if backend not in _IMPLEMENTATIONS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS + ('auto',))}")
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
     return backend
+
+
+def unavailable_reason(backend: str, device: torch.device | str = "cpu") -> str | None:
+    """None if `backend` can run on `device` here; otherwise one line, starting with the
+    backend's name, saying why and what to use instead.
+
+    The one place that knows whether a backend loads: every CLI and the benchmarks ask it,
+    so a missing or broken Triton fails up front, not with a traceback at the first forward.
+    """
+    name = resolve_backend(backend, device)
+    if name != "triton":
+        return None
+    if torch.device(device).type not in ("cuda", "cpu"):
+        return f"triton runs on cuda (or cpu through Triton's interpreter), not {device}; use sdpa"
+    try:
+        importlib.import_module("kernels.triton_attention")
+    except Exception as err:  # ImportError, or Triton failing to initialize: any reason means "not here"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"triton is unavailable ({reason}); use sdpa or reference"
+    return None
+
+
+def available(backend: str, device: torch.device | str = "cpu") -> bool:
+    """Whether `backend` can run on `device` here (see unavailable_reason for why not)."""
+    return unavailable_reason(backend, device) is None
 
 
 def attention(q, k, v, *, causal: bool = True, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
