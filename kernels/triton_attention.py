@@ -23,8 +23,8 @@ or a sequence end pay for masking.
 Scores are scaled into base 2 (scale * log2(e)) so the kernels use exp2, which maps to
 one hardware instruction.
 
-Without CUDA the kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1),
-which accepts CPU tensors: correct, and very slow, meant for tests only.
+Without CUDA the kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1, set up
+by kernels/triton_runtime.py), which accepts CPU tensors: correct, and very slow, for tests.
 
 The kernels are registered as torch.library custom ops (gpt_kernels::flash_attn_fwd,
 gpt_kernels::flash_attn_bwd) with fake implementations and autograd, so torch.compile
@@ -32,56 +32,18 @@ traces them without graph breaks.
 """
 import math
 import os
-import sys
-import warnings
 
 import torch
 
-# The interpreter is chosen when @triton.jit decorates a function, so the variable must
-# be set before the decorators below run. Triton reads it at decoration time, not at
-# import, so this works for our kernels even if triton was imported earlier in the
-# process; triton.language's own helpers are then fixed up below.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from .triton_runtime import INTERPRET  # first: without CUDA it switches Triton to its interpreter
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
 
 from .checks import check_attention_inputs  # noqa: E402
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _make_triton_library_interpretable() -> None:
-    """Re-wrap triton.language's own @jit helpers (tl.zeros, tl.max, tl.sum, ...) for the interpreter.
-
-    Triton decorated them when it was first imported. If that happened before
-    TRITON_INTERPRET=1 was set (torch.compile imports triton early, for instance), they
-    are compiled-mode functions, which the interpreter refuses to call from a kernel.
-    Only done without CUDA, where nothing can be using compiled Triton.
-    """
-    for name, module in list(sys.modules.items()):
-        if name == "triton.language" or name.startswith("triton.language."):
-            for attr, value in list(vars(module).items()):
-                if isinstance(value, JITFunction):
-                    setattr(module, attr, InterpretedFunction(value.fn))
-
-
-# What @triton.jit will do below: set above without CUDA, or by the user. (triton.knobs
-# exists from Triton 3.4; older versions read the variable directly.)
-_knobs = getattr(triton, "knobs", None)
-INTERPRET = bool(_knobs.runtime.interpret) if _knobs else os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRET:
-    if isinstance(tl.zeros, JITFunction) and not torch.cuda.is_available():
-        _make_triton_library_interpretable()
-    warnings.warn(
-        "kernels.triton_attention: Triton runs through its CPU interpreter (TRITON_INTERPRET=1); "
-        "results are correct but very slow, for testing only",
-        stacklevel=2,
-    )
 
 
 # ---------------------------------------------------------------------------------------
