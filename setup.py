@@ -8,11 +8,12 @@ setup(
     python_requires=">=3.10",
     # torch is a range so that an already installed build (e.g. the CPU wheel torch==2.13.0) is kept.
     install_requires=["torch>=2.4", "triton", "tqdm", "matplotlib", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "ruff"]},
     entry_points={
         "console_scripts": [
             "gpt-train=gpt.train:main",
             "gpt-sample=gpt.sample:main",
+            "gpt-reverse=gpt.reverse:main",
         ]
     },
 )

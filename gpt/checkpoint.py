@@ -9,7 +9,7 @@ A checkpoint is a dict (format 1):
     model         GPT.state_dict() of the unwrapped model (never torch.compile's or DDP's wrapper)
     model_config  dataclasses.asdict(GPTConfig)
     vocab         Vocab.state_dict()
-    train_config  dataclasses.asdict(TrainConfig)
+    train_config  dataclasses.asdict(TrainConfig): the run's settings, the model's options under "model"
     optimizer     AdamW state_dict
     scaler        GradScaler state_dict (empty unless --dtype float16)
     step          optimizer steps done
@@ -20,13 +20,14 @@ Only plain Python types and tensors: loading uses torch.load(weights_only=True),
 run code hidden in a malicious file.
 """
 import os
-import time
 from pathlib import Path
 
 import torch
 
 from .data import Vocab
+from .errors import first_line
 from .model import GPT, GPTConfig
+from .runfiles import atomic_write
 
 FORMAT = 1
 REQUIRED_KEYS = ("format", "model", "model_config", "vocab", "train_config", "optimizer", "scaler",
@@ -38,29 +39,6 @@ SAVE_DELAY_ENV_VAR = "GPT_CKPT_SAVE_DELAY_S"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or not one of ours; the message says which."""
-
-
-def atomic_write(path: str | os.PathLike, write, delay_s: float = 0.0) -> None:
-    """Call write(file) on a temporary file next to `path`, then rename it over `path`.
-
-    os.replace is atomic within a directory, so a reader (or a process killed mid-save) sees
-    either the old complete file or the new complete one, never half of either. The fsyncs make
-    the new contents and the rename survive a power cut too.
-    """
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    if delay_s:
-        time.sleep(delay_s)
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -76,8 +54,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types (pickle, zip, EOF, Runtime) for a bad file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({reason})") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first_line(err)})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a format-{FORMAT} checkpoint of this project")
     missing = [key for key in REQUIRED_KEYS if key not in state]
@@ -97,8 +74,9 @@ def restore_model(state: dict, **overrides) -> tuple[GPT, Vocab]:
         model.load_state_dict(state["model"])
         vocab = Vocab.from_state_dict(state["vocab"])
     except (TypeError, KeyError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"the checkpoint does not match this version of the model ({reason})") from None
+        raise CheckpointError(
+            f"the checkpoint does not match this version of the model ({first_line(err)})"
+        ) from None
     if len(vocab) != config.vocab_size:
         raise CheckpointError(f"the checkpoint's vocabulary has {len(vocab)} tokens but its model {config.vocab_size}")
     return model, vocab

@@ -1,10 +1,25 @@
-"""Command-line helpers shared by gpt.train, gpt.sample and gpt.reverse: one-line argument
-errors, device selection and the attention-backend check, so every program fails the same way."""
+"""What gpt.train, gpt.sample and gpt.reverse share, so that every program fails the same way:
+
+    parser = ArgumentParser(prog="python -m gpt.sample", ...)   # a bad flag: one line, exit code 2
+    return run_program(lambda: body(args))                      # an expected problem: one line, exit code 2
+    device = pick_device(args.device)
+    backend = resolve_attention(args.attn, device)             # "auto" made concrete; fails if it cannot run
+"""
 import argparse
+import sys
+from typing import Callable
 
 import torch
 
 import kernels
+
+from .checkpoint import CheckpointError
+from .data import DataError
+from .errors import first_line
+
+# Problems a user can fix (a bad value, a missing or corrupt file), as opposed to bugs, which keep
+# their traceback.
+EXPECTED_ERRORS = (ValueError, DataError, CheckpointError)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -12,6 +27,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
+def run_program(body: Callable[[], int]) -> int:
+    """Run a program's body and return its exit code; an expected problem ends it with one line
+    on stderr ("error: ...") and exit code 2."""
+    try:
+        return body()
+    except EXPECTED_ERRORS as err:
+        print(f"error: {first_line(err)}", file=sys.stderr)
+        return 2
 
 
 def pick_device(name: str | None, local_rank: int = 0) -> torch.device:

@@ -5,6 +5,7 @@
     vocab = Vocab.build(tokens)            # ids sorted by frequency: 0 is the most common token
     data = TokenData.from_text(text, vocab)
     x, y = data.train_batch(step, batch_size, seq_len, seed)
+    data, vocab = load_data(path)          # all of the above in one call
 """
 import os
 import re
@@ -177,3 +178,18 @@ class TokenData:
         order = torch.randperm(n_seq, generator=generator)
         chosen = order[position * global_batch:(position + 1) * global_batch][rank::world_size]
         return inputs[chosen], targets[chosen]
+
+
+def load_data(path: str | os.PathLike | None = None, vocab: Vocab | None = None) -> tuple[TokenData, Vocab]:
+    """The corpus as (TokenData, Vocab); path None: $GPT_SHAKESPEARE, else a cached download.
+    A given vocab (a checkpoint's) is kept, not rebuilt."""
+    text = load_shakespeare(path)
+    if vocab is None:
+        vocab = Vocab.build(tokenize(text))
+    try:
+        return TokenData.from_text(text, vocab), vocab
+    except ValueError:  # words the vocabulary lacks
+        raise DataError(
+            "the data has words that the checkpoint's vocabulary lacks: was it trained on other data? "
+            "pass the same --data as the run that wrote it"
+        ) from None

@@ -1,7 +1,7 @@
 """A decoder-only transformer language model, written from first principles.
 
 Reading order, top to bottom:
-    GPTConfig                 every size and switch of the model in one dataclass
+    GPTConfig                 every size and switch of the model in one dataclass (the training flags)
     PositionalEmbedding       tells the model *where* each token is (learned or sinusoidal)
     CausalSelfAttention       each position gathers information from earlier positions
     MLP                       each position thinks on its own about what it gathered
@@ -22,32 +22,56 @@ import torch.nn.functional as F
 import kernels
 
 
+POS_EMBEDDINGS = ("learned", "sinusoidal", "none")  # how the model sees positions (PositionalEmbedding)
+HEADS = ("full", "adaptive")  # the output layer: Linear to every word, or nn.AdaptiveLogSoftmaxWithLoss
+
+
+def option(default, help: str, **flag):
+    """A settings field that documents itself: one default and one line of help. gpt.config turns
+    each one into a command-line flag (--name-with-dashes); `flag` holds extra argparse arguments."""
+    if isinstance(default, list):  # a mutable default: each config gets its own copy
+        return field(default_factory=default.copy, metadata={"help": help, **flag})
+    return field(default=default, metadata={"help": help, **flag})
+
+
 @dataclass
 class GPTConfig:
-    vocab_size: int = 34_216  # distinct word-level tokens in the Complete Works
-    block_size: int = 128  # longest context the model can see (positions 0..block_size-1)
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    dropout: float = 0.0
-    attn: str = "auto"  # attention backend: reference | sdpa | triton | auto (kernels.BACKENDS)
-    pos_embedding: str = "learned"  # learned | sinusoidal | none
-    head: str = "full"  # full: Linear to every word; adaptive: nn.AdaptiveLogSoftmaxWithLoss
-    adaptive_cutoffs: list[int] = field(default_factory=lambda: [2_000, 10_000])  # frequency-sorted ids
-    tie_embeddings: bool = False  # share the token embedding with the (full) LM head
+    """Every size and switch of the model. The defaults are the model of the default training run
+    (python -m gpt.train), which generates its flags from these fields, except vocab_size and
+    block_size: a run sets those from its data and --seq-len."""
+
+    vocab_size: int = option(34_216, "distinct word-level tokens in the Complete Works")
+    block_size: int = option(128, "longest context the model can see (positions 0..block_size-1)")
+    n_layer: int = option(4, "transformer blocks")
+    n_head: int = option(4, "attention heads per block; must divide d_model")
+    d_model: int = option(128, "width of the residual stream (embedding size)")
+    dropout: float = option(0.1, "dropout probability inside the model (regularizes the later epochs of a CPU run)")
+    attn: str = option("auto", "attention backend; auto: triton on CUDA, reference elsewhere",
+                       choices=kernels.BACKEND_CHOICES)
+    pos_embedding: str = option("learned", "how the model sees positions", choices=POS_EMBEDDINGS)
+    head: str = option("adaptive", "output layer: full softmax, or adaptive softmax (cheaper for rare words)",
+                       choices=HEADS)
+    adaptive_cutoffs: list[int] = option([2_000, 10_000], "word ids (sorted by frequency) where the adaptive "
+                                         "head's clusters start", nargs="+", type=int)
+    tie_embeddings: bool = option(False, "share the token embedding with the output layer (needs head full)")
     # Switches for experiments (docs/first_principles.md); the defaults are the standard transformer.
-    causal: bool = True  # False removes the mask: a debugging control that lets positions see the future
-    residual: bool = True  # False: x = f(x) instead of x = x + f(x)
-    layer_norm: bool = True  # False: no LayerNorm before each branch nor at the end
-    share_blocks: bool = False  # True: one Block's weights reused n_layer times
+    causal: bool = option(True, "the causal mask; off, positions see the future (a debugging control)")
+    residual: bool = option(True, "residual connections x + f(x); off: x = f(x)")
+    layer_norm: bool = option(True, "LayerNorm before each branch and at the end")
+    share_blocks: bool = option(False, "one Block's weights reused n_layer times")
 
     def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        if self.pos_embedding not in ("learned", "sinusoidal", "none"):
-            raise ValueError(f"pos_embedding must be learned, sinusoidal or none, got {self.pos_embedding!r}")
-        if self.head not in ("full", "adaptive"):
-            raise ValueError(f"head must be full or adaptive, got {self.head!r}")
+        if self.pos_embedding not in POS_EMBEDDINGS:
+            raise ValueError(f"pos_embedding must be one of {', '.join(POS_EMBEDDINGS)}, got {self.pos_embedding!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.head == "adaptive" and self.tie_embeddings:
             raise ValueError("tie_embeddings needs head='full': the adaptive head has no (vocab, d_model) matrix")
         if self.head == "adaptive" and not 0 < min(self.adaptive_cutoffs) <= max(self.adaptive_cutoffs) < self.vocab_size:

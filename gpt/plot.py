@@ -1,7 +1,7 @@
 """loss.png: training and validation loss against training tokens, from metrics.jsonl records."""
 import os
 
-from .checkpoint import atomic_write
+from .runfiles import atomic_write
 
 
 def plot_losses(records: list[dict], path: str | os.PathLike) -> None:

@@ -17,20 +17,22 @@ Target positions fall in three groups:
 Without the mask (--no-mask) the model can read position t+1, which *is* the target of position
 t, and scores ~100% on the first half as well: it cheats, and the mask is what prevents that.
 
-    python -m gpt.reverse --attn reference --out runs/reverse
+    python -m gpt.reverse --attn reference --out runs/reverse     # or: gpt-reverse --out runs/reverse
 """
 import json
 import math
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 import kernels
-from gpt.model import GPT, GPTConfig
-from gpt.cli import ArgumentParser, pick_device, resolve_attention
+
+from .cli import ArgumentParser, pick_device, resolve_attention, run_program
+from .model import GPT, POS_EMBEDDINGS, GPTConfig
 
 SEPARATOR = 10  # digits are ids 0..9
 VOCAB_SIZE = 11
@@ -52,10 +54,23 @@ class ReverseSettings:
     causal: bool = True
     device: str = "cpu"
 
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if not MIN_DIGITS <= self.n_digits <= MAX_DIGITS:
+            raise ValueError(f"--n-digits must be in {MIN_DIGITS}..{MAX_DIGITS}, got {self.n_digits}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed must be in 0..2**63-1, got {self.seed}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not 0 < self.lr < float("inf"):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+
     def model_config(self) -> GPTConfig:
-        """A small GPT sized for the task: 2 blocks, 2 heads of 32 dimensions."""
+        """A small GPT sized for the task: 2 blocks, 2 heads of 32 dimensions, no dropout, a full head."""
         return GPTConfig(vocab_size=VOCAB_SIZE, block_size=2 * self.n_digits, n_layer=2, n_head=2, d_model=64,
-                         attn=self.attn, pos_embedding=self.pos_embedding, causal=self.causal)
+                         dropout=0.0, attn=self.attn, pos_embedding=self.pos_embedding, head="full",
+                         causal=self.causal)
 
 
 def random_digits(n_sequences: int, n_digits: int, generator: torch.Generator) -> torch.Tensor:
@@ -98,7 +113,7 @@ def training_batches(settings: ReverseSettings) -> Iterator[tuple[torch.Tensor, 
         yield inputs.to(settings.device), targets.to(settings.device)
 
 
-def train(model: GPT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float,
+def train_model(model: GPT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float,
           after_backward: Callable[[int, GPT], None] | None = None) -> list[float]:
     """AdamW on next-token loss for `steps` batches; returns the loss of every step.
 
@@ -121,7 +136,7 @@ def train(model: GPT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], step
 
 
 @torch.no_grad()
-def evaluate(model: GPT, n_digits: int) -> dict:
+def held_out_accuracy(model: GPT, n_digits: int) -> dict:
     """Accuracy of the greedy (argmax) prediction at each target position on the held-out set."""
     model.eval()
     device = next(model.parameters()).device
@@ -140,11 +155,11 @@ def evaluate(model: GPT, n_digits: int) -> dict:
 
 
 def run(settings: ReverseSettings) -> tuple[GPT, dict, list[float]]:
-    """Train a fresh model on the task and score it: (model, evaluate's dict, per-step losses)."""
+    """Train a fresh model on the task and score it: (model, held_out_accuracy's dict, per-step losses)."""
     torch.manual_seed(settings.seed)
     model = GPT(settings.model_config()).to(settings.device)
-    losses = train(model, training_batches(settings), settings.steps, settings.lr)
-    return model, evaluate(model, settings.n_digits), losses
+    losses = train_model(model, training_batches(settings), settings.steps, settings.lr)
+    return model, held_out_accuracy(model, settings.n_digits), losses
 
 
 def position_labels(n_digits: int) -> list[str]:
@@ -153,12 +168,11 @@ def position_labels(n_digits: int) -> list[str]:
     return [f"in{i}" for i in range(2, n_digits + 1)] + ["|"] + [f"out{i}" for i in range(1, n_digits + 1)]
 
 
-def parse_args(argv: list[str] | None) -> tuple[ReverseSettings, Path]:
-    """Command line -> (settings, output directory); a bad flag exits with one line and status 2."""
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m gpt.reverse", description=__doc__.split("\n")[0])
     defaults = ReverseSettings()
     parser.add_argument("--out", required=True, help="directory for reverse.json")
-    parser.add_argument("--attn", choices=kernels.BACKENDS, default=defaults.attn, help="attention backend")
+    parser.add_argument("--attn", choices=kernels.BACKEND_CHOICES, default=defaults.attn, help="attention backend")
     parser.add_argument("--no-mask", action="store_true",
                         help="debugging control: remove the causal mask so positions see the future (cheats)")
     parser.add_argument("--steps", type=int, default=defaults.steps)
@@ -166,36 +180,28 @@ def parse_args(argv: list[str] | None) -> tuple[ReverseSettings, Path]:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--pos-embedding", choices=("learned", "sinusoidal", "none"), default=defaults.pos_embedding)
+    parser.add_argument("--pos-embedding", choices=POS_EMBEDDINGS, default=defaults.pos_embedding)
     parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.steps < 1:
-        parser.error(f"--steps must be >= 1, got {args.steps}")
-    if not MIN_DIGITS <= args.n_digits <= MAX_DIGITS:
-        parser.error(f"--n-digits must be in {MIN_DIGITS}..{MAX_DIGITS}, got {args.n_digits}")
-    if not 0 <= args.seed < 2**63:
-        parser.error(f"--seed must be in 0..2**63-1, got {args.seed}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not 0 < args.lr < float("inf"):
-        parser.error(f"--lr must be a positive number, got {args.lr}")
-    try:
-        device = pick_device(args.device)
-        resolve_attention(args.attn, device)  # Triton loads on first use: fail here, in one line, not mid-training
-    except ValueError as err:
-        parser.error(str(err))
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        parser.error(f"--out {out} exists and is not a directory")
+
+def settings_from_flags(args) -> tuple[ReverseSettings, Path]:
+    """Parsed flags -> (settings, output directory); a bad value raises a one-line ValueError."""
     settings = ReverseSettings(n_digits=args.n_digits, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                seed=args.seed, attn=args.attn, pos_embedding=args.pos_embedding,
-                               causal=not args.no_mask, device=str(device))
+                               causal=not args.no_mask, device=args.device)
+    settings.validate()
+    device = pick_device(settings.device)
+    # Triton loads on first use: fail here, in one line, not mid-training.
+    settings = replace(settings, attn=resolve_attention(settings.attn, device), device=str(device))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
     return settings, out
 
 
-def main(argv: list[str] | None = None) -> None:
-    settings, out = parse_args(argv)
+def train_and_report(settings: ReverseSettings, out: Path) -> int:
+    """Train, print the accuracy of every target position, write out/reverse.json."""
     mask = "causal mask" if settings.causal else "NO MASK (debugging control: the model can read the future)"
     print(f"reversing {settings.n_digits} digits | attn={settings.attn} | {mask} | {settings.steps} steps")
     started = time.perf_counter()
@@ -217,7 +223,13 @@ def main(argv: list[str] | None = None) -> None:
     path = out / "reverse.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_program(lambda: train_and_report(*settings_from_flags(args)))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

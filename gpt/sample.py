@@ -15,8 +15,8 @@ import torch
 
 import kernels
 
-from .checkpoint import CheckpointError, load_checkpoint, restore_model
-from .cli import ArgumentParser, pick_device, resolve_attention
+from .checkpoint import load_checkpoint, restore_model
+from .cli import ArgumentParser, pick_device, resolve_attention, run_program
 from .data import Vocab, tokenize
 from .model import GPT
 
@@ -50,19 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def sample(args: argparse.Namespace) -> int:
+    state = load_checkpoint(args.ckpt)
+    device = pick_device(args.device)
+    model, vocab = restore_model(state, attn=resolve_attention(args.attn, device))
+    print(complete(model.to(device), vocab, args.prompt, args.tokens, args.temperature, args.top_k or None,
+                   args.seed, device))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        state = load_checkpoint(args.ckpt)
-        device = pick_device(args.device)
-        model, vocab = restore_model(state, attn=resolve_attention(args.attn, device))
-        text = complete(model.to(device), vocab, args.prompt, args.tokens, args.temperature, args.top_k or None,
-                        args.seed, device)
-    except (CheckpointError, ValueError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    print(text)
-    return 0
+    return run_program(lambda: sample(args))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Train the GPT on the Complete Works of Shakespeare, on one device or many (torchrun + DDP).
 
-    python -m gpt.train                                   # the default run: see TrainConfig
+    python -m gpt.train                                   # the default run: see TrainConfig and GPTConfig
     python -m gpt.train --steps 2000 --attn sdpa --dtype bfloat16
     python -m gpt.train --resume                          # continue out/ckpt.pt exactly where it stopped
     torchrun --standalone --nproc_per_node=4 -m gpt.train # DistributedDataParallel, one process per GPU
@@ -11,230 +11,52 @@ a checkpoint after the current step and exits with 128 + the signal number (130,
 signal exits at once. Expected problems (bad data path, corrupt checkpoint, bad flag values) end
 with one line on stderr and exit code 2.
 
+Reading order: the pieces of a step (build_model ... evaluate), then the run (Trainer: set up,
+loop, evaluate, save), then main. Around it: gpt/config.py (the settings and their flags),
+gpt/distributed.py (processes), gpt/runfiles.py (the files in --out), gpt/checkpoint.py.
+
 Reusable pieces, e.g. for benchmarks:
     cfg = TrainConfig(steps=100)                          # every setting, with the defaults of a run
     data, vocab = load_data(path)                         # (TokenData, Vocab); path None: $GPT_SHAKESPEARE
-    model = build_model(cfg.model_config(len(vocab)), device, seed=cfg.seed)
+    model = build_model(replace(cfg.model, vocab_size=len(vocab), block_size=cfg.seq_len), device, seed=cfg.seed)
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, device)
     x, y = data.train_batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
     loss = train_step(model, optimizer, [(x.to(device), y.to(device))], lr=cfg.lr, grad_clip=cfg.grad_clip)
         # one optimizer step over a list of micro-batches; the mean loss stays on the device (no sync)
     train(cfg)                                            # a whole run, as `python -m gpt.train` does
 """
-import argparse
 import contextlib
 import copy
-import json
 import math
-import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import kernels
-
-from .checkpoint import FORMAT, CheckpointError, atomic_write, load_checkpoint, restore_model, save_checkpoint
-from .data import DataError, TokenData, Vocab, load_shakespeare, tokenize
+from .checkpoint import FORMAT, restore_model, save_checkpoint
+from .cli import resolve_attention, run_program
+from .config import DTYPES, TrainConfig, configure
+from .data import TokenData, Vocab, load_data
+from .distributed import World, setup_world, wrap_for_training
 from .model import GPT, GPTConfig
 from .plot import plot_losses
-from .cli import ArgumentParser, pick_device, resolve_attention
+from .runfiles import CKPT_NAME, METRICS_NAME, PLOT_NAME, MetricsLog, StopRequest
 from .sample import complete
 
-CKPT_NAME, METRICS_NAME, PLOT_NAME = "ckpt.pt", "metrics.jsonl", "loss.png"
 FINAL_LR_FRACTION = 0.1  # the cosine schedule ends at 10% of the peak learning rate
 # Validation perplexities on the same split, for comparison at the end of a run.
 BASELINES = (("Kneser-Ney trigram", 69.0), ("unigram", 203.0), ("nanoGPT, 15 min", 58.2))
-DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # None: no autocast
 UNTIMED_STEPS, TIMED_STEPS = 2, 8  # --minutes: steps run to warm up, then to measure, before training
-
-
-def option(default, help: str, **argparse_kwargs):
-    """A TrainConfig field that is also the command-line flag --name-with-dashes."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a training run. The defaults are the default run: change them here."""
-
-    data: str | None = option(None, "text of Project Gutenberg eBook #100; default: $GPT_SHAKESPEARE, else a cached download", type=str)
-    out: str = option("out", "directory for ckpt.pt, metrics.jsonl and loss.png")
-    # The model (GPTConfig). When resuming, the shape comes from the checkpoint.
-    n_layer: int = option(4, "transformer blocks")
-    n_head: int = option(4, "attention heads per block; must divide --d-model")
-    d_model: int = option(128, "width of the residual stream (embedding size)")
-    dropout: float = option(0.1, "dropout probability inside the model (regularizes the later epochs of a CPU run)")
-    pos_embedding: str = option("learned", "how the model sees positions", choices=("learned", "sinusoidal", "none"))
-    head: str = option("adaptive", "output layer: full softmax, or adaptive softmax (cheaper for rare words)", choices=("full", "adaptive"))
-    tie_embeddings: bool = option(False, "share the token embedding with the output layer (needs --head full)")
-    attn: str = option("auto", "attention backend; auto: triton on CUDA, reference elsewhere", choices=kernels.BACKEND_CHOICES)
-    # Optimization.
-    batch_size: int = option(32, "sequences per micro-batch per process")
-    seq_len: int = option(64, "tokens per training sequence; also the model's block_size (context length)")
-    grad_accum: int = option(1, "micro-batches per step; global batch = batch size x grad accum x processes")
-    steps: int | None = option(None, "optimizer steps in total; takes precedence over --minutes", type=int)
-    minutes: float = option(14.0, "time budget: as many steps as fit, measured on a few timing steps first")
-    lr: float = option(2e-3, "peak learning rate, reached after warmup, then cosine decay to 10%%")
-    warmup: int = option(100, "steps of linear learning-rate warmup")
-    weight_decay: float = option(0.1, "AdamW weight decay, applied to Linear weight matrices only")
-    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0: no clipping")
-    seed: int = option(1337, "seed of the initial weights, the data order and dropout")
-    # Bookkeeping.
-    log_interval: int = option(50, "steps between lines in metrics.jsonl (train loss, tokens/s)")
-    eval_interval: int = option(250, "steps between validation evaluations (and loss.png updates)")
-    eval_windows: int = option(512, "validation windows per intermediate evaluation (0: all); the final one uses all")
-    ckpt_interval: int = option(500, "steps between checkpoints (one is also saved at the end and on SIGINT/SIGTERM)")
-    device: str | None = option(None, "cpu, cuda, cuda:1, ...; default: cuda if available, else cpu", type=str)
-    dtype: str = option("float32", "float32, or autocast to bfloat16 / float16 (float16 with loss scaling, CUDA only)", choices=("float32", "bfloat16", "float16"))
-    compile: bool = option(False, "torch.compile the model (slow start, faster steps)")
-    # Settings of one invocation, not of the run: a resumed run does not inherit them.
-    resume: bool = option(False, "continue the run in --out/ckpt.pt; other flags override its settings")
-    stop_at: int | None = option(None, "save and exit after this step; the schedule still spans the whole run", type=int)
-
-    def model_config(self, vocab_size: int, attn: str | None = None) -> GPTConfig:
-        return GPTConfig(vocab_size=vocab_size, block_size=self.seq_len, n_layer=self.n_layer, n_head=self.n_head,
-                         d_model=self.d_model, dropout=self.dropout, attn=attn or self.attn,
-                         pos_embedding=self.pos_embedding, head=self.head, tie_embeddings=self.tie_embeddings)
-
-    def validate(self) -> None:
-        for name in ("n_layer", "n_head", "d_model", "batch_size", "seq_len", "grad_accum", "steps", "minutes", "lr",
-                     "log_interval", "eval_interval", "ckpt_interval", "stop_at"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("warmup", "weight_decay", "grad_clip", "eval_windows"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-
-
-MODEL_SHAPE = ("n_layer", "n_head", "d_model", "pos_embedding", "head", "tie_embeddings")  # fixed when resuming
-PER_INVOCATION = ("resume", "stop_at")
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """One flag per TrainConfig field. Flags not given are absent from the parsed namespace, so
-    that --resume can tell which settings the user overrides."""
-    parser = ArgumentParser(prog="python -m gpt.train", argument_default=argparse.SUPPRESS,
-                            description="Train the word-level GPT on Shakespeare (see gpt/train.py).")
-    for f in fields(TrainConfig):
-        kwargs = dict(f.metadata)
-        if isinstance(f.default, bool):
-            kwargs["help"] += f" (default: {'on' if f.default else 'off'})"
-            parser.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            if f.default is not None:
-                kwargs["help"] += f" (default: {f.default})"
-            kwargs.setdefault("type", type(f.default))
-            if "choices" not in kwargs:  # with choices, argparse shows them instead
-                kwargs["metavar"] = f.name.split("_")[-1].upper()
-            parser.add_argument(flag(f.name), **kwargs)
-    return parser
-
-
-def configure(argv: list[str] | None) -> tuple[TrainConfig, dict | None]:
-    """Command line -> (TrainConfig, checkpoint to resume from or None).
-
-    With --resume the run's stored settings are the starting point and the given flags override
-    them, except the model's shape and the step budget, which the checkpoint fixes.
-    """
-    given = vars(build_parser().parse_args(argv))
-    if not given.get("resume"):
-        config = TrainConfig(**given)
-        config.validate()
-        return config, None
-    state = load_checkpoint(Path(given.get("out", TrainConfig.out)) / CKPT_NAME)
-    stored_settings = {k: v for k, v in state["train_config"].items() if k not in PER_INVOCATION}
-    try:
-        stored = TrainConfig(**stored_settings)
-    except TypeError as err:
-        raise CheckpointError(f"the checkpoint's train_config does not fit this version ({err})") from None
-    for name in MODEL_SHAPE + ("steps", "minutes"):
-        if name in given and given[name] != getattr(stored, name):
-            raise ValueError(f"{flag(name)} cannot change when resuming (the checkpoint has {getattr(stored, name)}); "
-                             "start a new run in another --out instead")
-    config = replace(stored, **given)
-    config.validate()
-    return config, state
-
-
-# ---------------------------------------------------------------------------------------------
-# Devices and processes
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place among the training processes (one process: rank 0 of size 1)."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0  # index among the processes on this machine: which GPU to use
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0  # the one process that evaluates, logs and writes files
-
-    def mean(self, value: torch.Tensor) -> float:
-        """Average a 0-dim tensor over all processes. Waits for the device: call at log steps only."""
-        if self.size > 1:
-            value = value.detach().clone()
-            dist.all_reduce(value)  # SUM: gloo has no AVG
-            value /= self.size
-        return value.item()
-
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """True on every process if it is True on any: all processes must stop at the same step."""
-        if self.size == 1:
-            return flag
-        value = torch.tensor(float(flag), device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return bool(value.item())
-
-    def broadcast(self, number: int, device: torch.device) -> int:
-        """Rank 0's number on every process."""
-        if self.size == 1:
-            return number
-        value = torch.tensor(number, device=device)
-        dist.broadcast(value, src=0)
-        return int(value.item())
-
-
-def setup_world(device_name: str | None) -> tuple[World, torch.device]:
-    """Join torchrun's process group when launched by it (it sets RANK, WORLD_SIZE, LOCAL_RANK)."""
-    world = World(rank=int(os.environ.get("RANK", 0)), size=int(os.environ.get("WORLD_SIZE", 1)),
-                  local_rank=int(os.environ.get("LOCAL_RANK", 0)))
-    device = pick_device(device_name, world.local_rank)
-    if world.size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return world, device
 
 
 # ---------------------------------------------------------------------------------------------
 # The pieces of a training step
-
-
-def load_data(path: str | None = None, vocab: Vocab | None = None) -> tuple[TokenData, Vocab]:
-    """The corpus as (TokenData, Vocab). A given vocab (a checkpoint's) is kept, not rebuilt."""
-    text = load_shakespeare(path)
-    if vocab is None:
-        vocab = Vocab.build(tokenize(text))
-    try:
-        return TokenData.from_text(text, vocab), vocab
-    except ValueError:  # words the vocabulary lacks
-        raise DataError("the data has words that the checkpoint's vocabulary lacks: was it trained on other data? "
-                        "pass the same --data as the run that wrote it") from None
 
 
 def build_model(config: GPTConfig, device: torch.device | str, seed: int) -> GPT:
@@ -326,115 +148,56 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Files of a run
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, each written in one write() and fsynced, so a
-    crash can at worst cut the last line, and readers skip a cut line."""
-
-    def __init__(self, path: Path, keep_until_step: int | None):
-        """Start the file afresh, or (when resuming) keep the lines up to the checkpoint's step, so
-        that it ends up as if the run had never stopped."""
-        self.records = [] if keep_until_step is None else [r for r in read_metrics(path) if r["step"] <= keep_until_step]
-        atomic_write(path, lambda file: file.write("".join(json.dumps(r) + "\n" for r in self.records).encode()))
-        self.file = open(path, "a", encoding="utf-8")
-
-    def append(self, record: dict) -> None:
-        self.records.append(record)
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """Every complete record in a metrics.jsonl (none if the file does not exist)."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    return records
-
-
-class StopRequest:
-    """SIGINT/SIGTERM ask the training loop to save a checkpoint and stop after the current
-    step, instead of killing it mid-update; a second signal exits at once (the last checkpoint
-    on disk is always complete)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def __enter__(self) -> "StopRequest":
-        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            raise SystemExit(128 + signum)
-        self.signum = signum
-
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.signum is None else 128 + self.signum  # the shell's convention for "killed by"
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 
 
 class Trainer:
-    """A training run: data, model, optimizer and progress, restored from a checkpoint if given."""
+    """A training run: data, model, optimizer and progress.
 
-    def __init__(self, cfg: TrainConfig, world: World, device: torch.device, state: dict | None = None):
-        self.cfg, self.world, self.device = cfg, world, device
-        attn = resolve_attention(cfg.attn, device)
-        if state is None:
-            self.data, self.vocab = load_data(cfg.data)
-            self.model = build_model(cfg.model_config(len(self.vocab), attn), device, cfg.seed)
-        else:
-            model, vocab = restore_model(state, attn=attn, dropout=cfg.dropout)
-            self.data, self.vocab = load_data(cfg.data, vocab)
-            self.model = model.to(device)
-        if cfg.seq_len > self.model.config.block_size:
-            raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {self.model.config.block_size}")
+    Trainer.start(cfg, world, device) begins a run; Trainer.resume(cfg, world, device, state)
+    continues one from its checkpoint. Then fit() trains, evaluating, logging and saving on the way.
+    """
+
+    def __init__(self, cfg: TrainConfig, world: World, device: torch.device, model: GPT, data: TokenData,
+                 vocab: Vocab):
+        """What a fresh and a resumed run share: everything built around the model, at step 0."""
+        if cfg.seq_len > model.config.block_size:
+            raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {model.config.block_size}")
         if cfg.dtype == "float16" and device.type != "cuda":
             raise ValueError("--dtype float16 needs a CUDA device; on the CPU use bfloat16 or float32")
+        self.cfg, self.world, self.device = cfg, world, device
+        self.model, self.data, self.vocab = model, data, vocab
         self.amp_dtype = DTYPES[cfg.dtype]
-        self.optimizer = configure_optimizer(self.model, cfg.lr, cfg.weight_decay, device)
+        self.optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
-        self.step, self.tokens, self.elapsed_before, self.total_steps = 0, 0, 0.0, cfg.steps
-        if state is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
-            if state["scaler"]:  # empty when the run so far had no loss scaling
-                self.scaler.load_state_dict(state["scaler"])
-            self.step, self.tokens, self.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
-            self.total_steps = state["total_steps"]
-        # torch.compile first, DDP around it (as in nanoGPT). Evaluation uses the plain model: only
-        # rank 0 evaluates, and DDP's forward expects every rank to take part; and compiling the
-        # evaluation's shapes (eval mode, a ragged last batch) would cost more than it saves.
-        self.trained = torch.compile(self.model) if cfg.compile else self.model
-        if world.size > 1:
-            # The adaptive head skips a cluster that no target of the batch falls in, leaving its
-            # parameters without gradients, which DDP must be told to expect.
-            self.trained = DDP(self.trained, device_ids=[device.index] if device.type == "cuda" else None,
-                               find_unused_parameters=self.model.config.head == "adaptive")
-        self.val_inputs, self.val_targets = TokenData.sequences(self.data.val, cfg.seq_len)
+        self.trained = wrap_for_training(model, world, device, cfg.compile)  # what the training steps call
+        self.val_inputs, self.val_targets = TokenData.sequences(data.val, cfg.seq_len)
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * world.size * cfg.seq_len
+        self.step, self.tokens, self.elapsed_before, self.total_steps = 0, 0, 0.0, cfg.steps
         self.started = time.perf_counter()
+
+    @classmethod
+    def start(cls, cfg: TrainConfig, world: World, device: torch.device) -> "Trainer":
+        """A fresh run: the model of cfg.model, sized by the data's vocabulary and --seq-len."""
+        attn = resolve_attention(cfg.model.attn, device)
+        data, vocab = load_data(cfg.data)
+        cfg = replace(cfg, model=replace(cfg.model, vocab_size=len(vocab), block_size=cfg.seq_len))
+        model = build_model(replace(cfg.model, attn=attn), device, cfg.seed)
+        return cls(cfg, world, device, model, data, vocab)
+
+    @classmethod
+    def resume(cls, cfg: TrainConfig, world: World, device: torch.device, state: dict) -> "Trainer":
+        """A run continued from its checkpoint: weights, vocabulary, optimizer, scaler and progress."""
+        attn = resolve_attention(cfg.model.attn, device)
+        model, vocab = restore_model(state, attn=attn, dropout=cfg.model.dropout)
+        data, vocab = load_data(cfg.data, vocab)
+        trainer = cls(cfg, world, device, model.to(device), data, vocab)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:  # empty when the run so far had no loss scaling
+            trainer.scaler.load_state_dict(state["scaler"])
+        trainer.step, trainer.tokens, trainer.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
+        trainer.total_steps = state["total_steps"]
+        return trainer
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -459,7 +222,7 @@ class Trainer:
         return train_step(self.trained, self.optimizer, self.batches(step), lr=lr, grad_clip=self.cfg.grad_clip,
                           amp_dtype=self.amp_dtype, scaler=self.scaler)
 
-    def evaluate(self, windows: int = 0) -> float:
+    def validation_loss(self, windows: int = 0) -> float:
         """Validation loss over `windows` windows spread evenly over the split (0: all of it)."""
         inputs, targets = self.val_inputs, self.val_targets
         if 0 < windows < len(inputs):
@@ -488,7 +251,7 @@ class Trainer:
         step_s = (time.perf_counter() - timing_started) / TIMED_STEPS
         eval_started = time.perf_counter()
         if self.world.is_main:
-            self.evaluate(self.cfg.eval_windows)
+            self.validation_loss(self.cfg.eval_windows)
         eval_s = time.perf_counter() - eval_started
         model_state, optimizer_state, scaler_state = snapshot
         self.model.load_state_dict(model_state)
@@ -510,7 +273,7 @@ class Trainer:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.started
 
-    def checkpoint(self) -> dict:
+    def checkpoint_state(self) -> dict:
         return {"format": FORMAT, "model": self.model.state_dict(), "model_config": asdict(self.model.config),
                 "vocab": self.vocab.state_dict(), "train_config": asdict(self.cfg),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
@@ -528,7 +291,7 @@ class Trainer:
         end = self.total_steps if cfg.stop_at is None else min(cfg.stop_at, self.total_steps)
         metrics = MetricsLog(out / METRICS_NAME, None if self.step == 0 else self.step) if main else None
         if self.step == 0 and main:  # the untrained model: about ln(vocab size), the start of the curve
-            metrics.append(self.record(None, self.evaluate(cfg.eval_windows), None))
+            metrics.append(self.record(None, self.validation_loss(cfg.eval_windows), None))
         progress = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not main, dynamic_ncols=True)
         window = (time.perf_counter(), self.step)  # tokens/s is measured over the steps since the last log
         stopped, val_loss = False, None
@@ -544,18 +307,18 @@ class Trainer:
             # agreeing is a collective operation that waits for every process.
             stopped = self.world.any(stop.signum is not None, self.device) if is_log or self.world.size == 1 else False
             if main and self.step % cfg.ckpt_interval == 0 and self.step < end and not stopped:
-                save_checkpoint(out / CKPT_NAME, self.checkpoint())
+                save_checkpoint(out / CKPT_NAME, self.checkpoint_state())
             if is_log:
                 window = (time.perf_counter(), self.step)  # leave evaluation and saving out of tokens/s
         progress.close()
         if main:
-            save_checkpoint(out / CKPT_NAME, self.checkpoint())
+            save_checkpoint(out / CKPT_NAME, self.checkpoint_state())
             metrics.close()
             if stopped:
                 cause = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
                 print(f"stopped by {cause} after step {self.step}; checkpoint saved, continue with --resume")
             elif self.step == self.total_steps:
-                self.report(val_loss if val_loss is not None else self.evaluate())  # None: it had already finished
+                self.report(val_loss if val_loss is not None else self.validation_loss())  # None: it had already finished
         return stop.exit_code if stopped else 0
 
     def log(self, loss: torch.Tensor, window: tuple[float, int], metrics: MetricsLog | None, progress: tqdm,
@@ -570,7 +333,7 @@ class Trainer:
         is_last = self.step == self.total_steps
         val_loss = None
         if self.step % self.cfg.eval_interval == 0 or is_last:
-            val_loss = self.evaluate(0 if is_last else self.cfg.eval_windows)
+            val_loss = self.validation_loss(0 if is_last else self.cfg.eval_windows)
         metrics.append(self.record(train_loss, val_loss, tokens_per_s))
         progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if val_loss is not None:
@@ -607,7 +370,7 @@ def train(cfg: TrainConfig, state: dict | None = None) -> int:
             if state is None and (out / CKPT_NAME).exists():
                 raise ValueError(f"{out / CKPT_NAME} exists; continue it with --resume, or choose another --out")
         with StopRequest() as stop:
-            trainer = Trainer(cfg, world, device, state)
+            trainer = Trainer.start(cfg, world, device) if state is None else Trainer.resume(cfg, world, device, state)
             if world.is_main:
                 print(trainer.describe())
             if trainer.total_steps is None:
@@ -615,24 +378,17 @@ def train(cfg: TrainConfig, state: dict | None = None) -> int:
             if world.is_main:
                 print(f"training steps {trainer.step:,} -> {trainer.total_steps:,}; writing {out}/")
             exit_code = trainer.fit(stop, out)
-            if world.size > 1:
-                dist.barrier()  # rank 0 may still be saving; a rank that leaves early can abort gloo
+            world.barrier()
             return exit_code
     finally:
-        if world.size > 1:
-            dist.destroy_process_group()
+        world.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     # float32 matmuls may use TF32 on GPUs that have it (Ampere and later): several times faster,
     # with a 10-bit mantissa in the products that training does not notice.
     torch.set_float32_matmul_precision("high")
-    try:
-        cfg, state = configure(argv)
-        return train(cfg, state)
-    except (DataError, CheckpointError, ValueError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+    return run_program(lambda: train(*configure(argv)))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ ALL_BACKENDS = ["reference", "sdpa", "triton"]  # triton runs through Triton's i
 
 
 def tiny_config(**overrides) -> GPTConfig:
-    settings = dict(vocab_size=97, block_size=16, n_layer=2, n_head=2, d_model=32, attn="reference")
+    settings = dict(vocab_size=97, block_size=16, n_layer=2, n_head=2, d_model=32, attn="reference", head="full",
+                    dropout=0.0)
     settings.update(overrides)
     return GPTConfig(**settings)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import kernels
 from common import median_seconds, save
 from gpt.model import GPT
-from gpt.reverse import ReverseSettings, held_out_digits, reversal_examples, train, training_batches
+from gpt.reverse import ReverseSettings, held_out_digits, reversal_examples, train_model, training_batches
 
 
 def shapes() -> dict:
@@ -96,7 +96,7 @@ def scores_at_init_and_after_training() -> dict:
     model = GPT(settings.model_config())
     idx, _ = reversal_examples(held_out_digits(settings.n_digits)[:256])
     at_init = model_scores(model, idx)
-    train(model, training_batches(settings), settings.steps, settings.lr)
+    train_model(model, training_batches(settings), settings.steps, settings.lr)
     return {"model": "gpt.reverse model (2 layers, 2 heads, d_model 64, head dim 32), reversal task",
             "at_init": at_init, "after_300_steps": model_scores(model, idx)}
 

@@ -17,7 +17,7 @@ import torch
 
 from gpt.data import TokenData
 from gpt.model import GPT, GPTConfig
-from gpt.train import load_data
+from gpt.data import load_data
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 SHAKESPEARE_VOCAB = 2_000  # see shakespeare()
@@ -96,7 +96,8 @@ def unigram_loss(windows: tuple[torch.Tensor, torch.Tensor]) -> float:
 
 def lm_config(**overrides) -> GPTConfig:
     """The small language model of the ablations; overrides change any GPTConfig field."""
-    fields = dict(vocab_size=SHAKESPEARE_VOCAB, block_size=64, n_layer=4, n_head=4, d_model=64, attn="sdpa")
+    fields = dict(vocab_size=SHAKESPEARE_VOCAB, block_size=64, n_layer=4, n_head=4, d_model=64, attn="sdpa", head="full",
+                  dropout=0.0)
     fields.update(overrides)
     return GPTConfig(**fields)
 

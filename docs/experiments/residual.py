@@ -18,7 +18,7 @@ import torch
 from common import (block_grad_norms, lm_batches, lm_config, loss_on, moving_average, save, save_figure, shakespeare,
                     unigram_loss)
 from gpt.model import GPT
-from gpt.reverse import train
+from gpt.reverse import train_model
 
 N_LAYER, STEPS, BATCH_SIZE, SEQ_LEN, LR, EARLY = 8, 300, 8, 64, 2e-3, 50
 VARIANTS = {
@@ -49,7 +49,7 @@ def run_variant(training, held_out, overrides: dict) -> dict:
         if step < EARLY:
             grad_norms.append(block_grad_norms(model) + [model.token_embedding.weight.grad.norm().item()])
 
-    losses = train(model, lm_batches(training, BATCH_SIZE), STEPS, LR, after_backward=record)
+    losses = train_model(model, lm_batches(training, BATCH_SIZE), STEPS, LR, after_backward=record)
     early = [sum(column) / EARLY for column in zip(*grad_norms)]
     return {"last_token_influence_at_init": influence_at_init,
             "block_grad_norm_at_init": grad_norms[0][:-1], "embedding_grad_norm_at_init": grad_norms[0][-1],

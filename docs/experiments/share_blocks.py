@@ -18,7 +18,7 @@ import torch
 
 from common import lm_batches, lm_config, loss_on, moving_average, save, save_figure, shakespeare, unigram_loss
 from gpt.model import GPT
-from gpt.reverse import train
+from gpt.reverse import train_model
 
 STEPS, BATCH_SIZE, SEQ_LEN, LR, SEEDS = 400, 16, 64, 2e-3, (0, 1)
 VARIANTS = {
@@ -37,7 +37,7 @@ def main() -> None:
             torch.manual_seed(seed)
             model = GPT(lm_config(block_size=SEQ_LEN, **overrides))
             started = time.perf_counter()
-            losses = train(model, lm_batches(training, BATCH_SIZE, seed), STEPS, LR)
+            losses = train_model(model, lm_batches(training, BATCH_SIZE, seed), STEPS, LR)
             rows.append({"variant": name, "seed": seed, "parameters": model.num_parameters(),
                          "block_parameters": sum(p.numel() for p in model.blocks.parameters()),  # shared ones once
                          "block_applications": len(model.blocks),
