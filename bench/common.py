@@ -31,6 +31,8 @@ import time
 import torch
 
 import kernels
+from bench.backends import ATTENTION_BACKENDS, CUDA_ONLY_BACKENDS  # noqa: F401 (the suites read common.ATTENTION_BACKENDS)
+from gpt.errors import first_line
 
 
 def _env_list(name: str, default, cast=str) -> list:
@@ -56,12 +58,6 @@ WARMUP_ROUNDS = 3 if ON_CUDA else 1
 # 2-core machine), so the CPU grid leaves it out; test_attention_tiny times it at 1 x 2 heads.
 TRITON_CPU_MAX_LEN = int(os.environ.get("BENCH_TRITON_CPU_MAX_LEN", "0"))
 
-# Backends in table order. "sdpa" is whatever F.scaled_dot_product_attention picks by itself (the
-# baseline every ratio is taken against); sdpa-* pin one of its CUDA kernels; flex is
-# torch.nn.attention.flex_attention with a causal block mask, compiled.
-CUDA_ONLY_BACKENDS = ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex")
-ATTENTION_BACKENDS = ("reference", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex", "triton")
-BASELINE = "sdpa"
 _SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION"}
 
@@ -235,12 +231,28 @@ def is_oom(err: BaseException) -> bool:
 def skip_message(err: RuntimeError, backend: str, where: str) -> str | None:
     """The skip reason for an expected failure (out of memory, an SDPA kernel that does not
     support the problem), or None for a real error."""
-    first_line = (str(err).splitlines() or [""])[0]
     if is_oom(err):
-        return f"{backend} ran out of memory at {where}: {first_line}"
+        return f"{backend} ran out of memory at {where}: {first_line(err)}"
     if backend.startswith("sdpa-") and any(s in str(err).lower() for s in ("no available kernel", "no viable backend")):
-        return f"{backend} does not support {where} here: {first_line}"
+        return f"{backend} does not support {where} here: {first_line(err)}"
     return None
+
+
+def run_unless_expected_failure(fn, backend: str, where: str):
+    """(fn(), None); or (None, the reason to skip) when fn fails as expected: the backend is
+    unavailable here, it ran out of memory, or an SDPA kernel does not support the problem.
+    Any other error propagates."""
+    try:
+        return fn(), None
+    except BackendUnavailable as err:
+        reason = str(err)
+    except RuntimeError as err:
+        reason = skip_message(err, backend, where)
+        if reason is None:
+            raise
+    # After the except block the traceback, and with it the failed call's tensors, is gone.
+    release_memory()
+    return None, reason
 
 
 def release_memory() -> None:

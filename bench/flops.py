@@ -52,10 +52,6 @@ class AttentionShape:
     seqlen: int
     head_dim: int
 
-    @property
-    def tokens(self) -> int:
-        return self.batch * self.seqlen
-
     def as_dict(self) -> dict:
         return {"batch": self.batch, "heads": self.heads, "seqlen": self.seqlen, "head_dim": self.head_dim}
 

@@ -18,8 +18,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-BASELINE = "sdpa"
-BACKEND_ORDER = ("reference", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex", "triton")
+from bench.backends import ATTENTION_BACKENDS, BASELINE
+from bench.flops import tflops
+
 MODE_NAMES = {"fwd": "forward", "fwd_bwd": "forward + backward"}
 RATIO_KINDS = ("attention", "training")
 COLORS = {"reference": "tab:gray", "sdpa": "tab:blue", "sdpa-flash": "tab:orange", "sdpa-efficient": "tab:green",
@@ -106,24 +107,31 @@ def of_kind(benchmarks, kind: str) -> list:
 
 
 def backend_sort_key(name: str):
-    return (BACKEND_ORDER.index(name) if name in BACKEND_ORDER else len(BACKEND_ORDER), name)
+    order = ATTENTION_BACKENDS
+    return (order.index(name) if name in order else len(order), name)
+
+
+def ratio_key(bench: dict) -> tuple:
+    """Which benchmark this is within a (merged) JSON: b["run"] says which file it came from."""
+    return bench.get("run"), bench.get("group"), info(bench).get("backend")
+
+
+def speedups(benchmarks, stat: str = "median") -> dict:
+    """{ratio_key: sdpa's time / this benchmark's time}, within each benchmark group of one run,
+    for the kinds that have a ratio. Reads the benchmarks, never changes them."""
+    with_ratio = [b for b in benchmarks if info(b).get("kind") in RATIO_KINDS and b.get("stats")]
+    baseline = {(b.get("run"), b.get("group")): seconds(b, stat) for b in with_ratio
+                if info(b).get("backend") == BASELINE}
+    return {ratio_key(b): baseline[(b.get("run"), b.get("group"))] / seconds(b, stat) for b in with_ratio
+            if (b.get("run"), b.get("group")) in baseline}
 
 
 def annotate_ratios(benchmarks, stat: str = "median") -> None:
-    """extra_info["speedup_vs_sdpa"] = sdpa time / this time, within each benchmark group of one run
-    (b["run"]: which JSON a merged benchmark came from)."""
-    baseline = {}
+    """Write each ratio into the benchmark JSON itself: extra_info["speedup_vs_sdpa"] (bench/conftest.py)."""
+    ratios = speedups(benchmarks, stat)
     for b in benchmarks:
-        if info(b).get("kind") in RATIO_KINDS and info(b).get("backend") == BASELINE and b.get("stats"):
-            baseline[(b.get("run"), b.get("group"))] = seconds(b, stat)
-    for b in benchmarks:
-        key = (b.get("run"), b.get("group"))
-        if info(b).get("kind") in RATIO_KINDS and b.get("stats") and key in baseline:
-            b["extra_info"]["speedup_vs_sdpa"] = baseline[key] / seconds(b, stat)
-
-
-def attention_tflops(bench: dict, stat: str = "median") -> float:
-    return info(bench)["flops"] / seconds(bench, stat) / 1e12
+        if ratio_key(b) in ratios:
+            b["extra_info"]["speedup_vs_sdpa"] = ratios[ratio_key(b)]
 
 
 def fmt(x: float | None) -> str:
@@ -156,14 +164,14 @@ def _markdown(header: list, rows: list) -> str:
 
 def attention_index(benchmarks, stat: str = "median", suite: str = "main") -> dict:
     """{(dtype, mode): {(head_dim, seqlen): {backend: (tflops, ratio, bench)}}} for one suite."""
-    annotate_ratios(benchmarks, stat)
+    ratios = speedups(benchmarks, stat)
     index = defaultdict(lambda: defaultdict(dict))
     for b in of_kind(benchmarks, "attention"):
         i = info(b)
         if i.get("suite", "main") != suite:
             continue
-        ratio = i.get("speedup_vs_sdpa")
-        index[(i["dtype"], i["mode"])][(i["head_dim"], i["seqlen"])][i["backend"]] = (attention_tflops(b, stat), ratio, b)
+        ratio = ratios.get(ratio_key(b))
+        index[(i["dtype"], i["mode"])][(i["head_dim"], i["seqlen"])][i["backend"]] = (tflops(i["flops"], seconds(b, stat)), ratio, b)
     return index
 
 
@@ -237,11 +245,13 @@ def training_configs(benchmarks) -> dict:
 
 def training_table(benchmarks, stat: str = "median", caption: str | None = None) -> str:
     """One table per training config: backend rows; tokens/s and time to the target loss, each x sdpa."""
-    annotate_ratios(benchmarks, stat)
-    return "\n".join(_training_table(results, stat, caption) for results in training_configs(benchmarks).values())
+    ratios = speedups(benchmarks, stat)
+    return "\n".join(
+        _training_table(results, ratios, stat, caption) for results in training_configs(benchmarks).values()
+    )
 
 
-def _training_table(results, stat, caption) -> str:
+def _training_table(results, ratios: dict, stat, caption) -> str:
     by_backend = defaultdict(dict)
     for b in results:
         by_backend[info(b)["backend"]][info(b).get("metric")] = b
@@ -258,14 +268,15 @@ def _training_table(results, stat, caption) -> str:
         if through:
             b = by_backend[name].get("throughput")
             row += ["—", "—"] if b is None else [
-                f"{info(b)['tokens_per_step'] / seconds(b, stat):,.0f}", _ratio(b)]
+                f"{info(b)['tokens_per_step'] / seconds(b, stat):,.0f}", fmt_ratio(ratios.get(ratio_key(b)))]
         if to_loss:
             b = by_backend[name].get("time_to_loss")
             if b is None:
                 row += ["—", "—", "—"]
             else:
                 reached = info(b).get("reached", True)
-                row += [fmt(seconds(b, stat)) + ("" if reached else " (not reached)"), info(b).get("steps", "—"), _ratio(b)]
+                row += [fmt(seconds(b, stat)) + ("" if reached else " (not reached)"), info(b).get("steps", "—"),
+                        fmt_ratio(ratios.get(ratio_key(b)))]
         body.append(row)
     cfg = info(through or to_loss)
     text = [f"#### Training on Shakespeare, config {cfg.get('config', 'default')!r}: {cfg.get('model', '')}, "
@@ -274,10 +285,6 @@ def _training_table(results, stat, caption) -> str:
     if caption:
         text.append(f"\n_{caption}_")
     return "\n".join(text) + "\n"
-
-
-def _ratio(bench: dict) -> str:
-    return fmt_ratio(info(bench).get("speedup_vs_sdpa"))
 
 
 def targets_section(benchmarks, env: dict, stat: str = "median") -> str:
@@ -304,10 +311,10 @@ def targets_section(benchmarks, env: dict, stat: str = "median") -> str:
                      f"{'yes' if cell[0] >= TARGET_FWD_TFLOPS else 'no'} |")
     else:
         lines.append(f"| fwd causal bf16 d128 T=16k, triton ≥ {TARGET_FWD_TFLOPS:.0f} TFLOP/s | not measured | — |")
-    annotate_ratios(benchmarks, stat)
+    speedup = speedups(benchmarks, stat)
     tr = [b for b in of_kind(benchmarks, "training") if info(b).get("metric") == "throughput" and info(b)["backend"] == "triton"]
-    if tr and info(tr[0]).get("speedup_vs_sdpa") is not None:
-        r = info(tr[0])["speedup_vs_sdpa"]
+    r = speedup.get(ratio_key(tr[0])) if tr else None
+    if r is not None:
         lines.append(f"| training tokens/s, triton ≥ sdpa | {r:.2f}× | {'yes' if r >= 1.0 else 'no'} |")
     else:
         lines.append("| training tokens/s, triton ≥ sdpa | not measured | — |")

@@ -31,24 +31,16 @@ def bench_attention(benchmark, backend: str, mode: str, dtype: str, shape: Atten
         kind="attention", suite=suite, backend=backend, mode=mode, causal=True, dtype=dtype, **shape.as_dict(),
         flops=flops, device=common.DEVICE, device_name=common.environment()["device_name"],
     )
-    attn = q = k = v = None
-    median, skip = None, None
-    try:
+
+    def measure():
         attn = common.attention_fn(backend, seqlen)
         q, k, v = common.make_qkv(shape.batch, shape.heads, seqlen, head_dim, common.dtype_of(dtype),
                                   requires_grad=(mode == "fwd_bwd"))
         with common.backend_context(backend):
-            median = common.run_benchmark(benchmark, common.pass_fn(attn, q, k, v, mode), **run_options)
-    except common.BackendUnavailable as err:
-        skip = str(err)
-    except RuntimeError as err:
-        skip = common.skip_message(err, backend, f"{shape}")
-        if skip is None:
-            raise
+            return common.run_benchmark(benchmark, common.pass_fn(attn, q, k, v, mode), **run_options)
+
+    median, skip = common.run_unless_expected_failure(measure, backend, f"{shape}")
     if skip is not None:
-        # Outside the except block, so that the traceback no longer holds the failed call's tensors.
-        attn = q = k = v = None
-        common.release_memory()
         pytest.skip(skip)
     if median is not None:
         benchmark.extra_info["tflops"] = tflops(flops, median)

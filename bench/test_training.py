@@ -3,7 +3,7 @@
     GPT_SHAKESPEARE=/path/to/pg100.txt PYTHONPATH=. pytest bench/test_training.py --benchmark-only
 
 Both use gpt.train's own pieces (build_model, configure_optimizer, train_step, evaluate,
-learning_rate), so what is timed is the step `python -m gpt.train` runs. Every backend gets the
+learning_rate) and its settings (gpt.config.TrainConfig), so what is timed is the step `python -m gpt.train` runs. Every backend gets the
 same model (same seed), the same batches and the same schedule. Batches are cut and moved to
 the device before timing: the timed work is the optimizer step itself.
 
@@ -14,7 +14,7 @@ the device before timing: the timed work is the optimizer step itself.
   the time: it is the same small cost for every backend). A throwaway model first runs a few
   steps and an evaluation so that compilation and autotuning are not counted.
 
-Configs: "default" is TrainConfig's default model (batch 8 instead of 32 on CPU). On CUDA also
+Configs: "default" is the default run's model (batch 8 instead of 32 on CPU). On CUDA also
 "long": a wider model at seqlen 1024, where attention is a larger share of the step.
 CUDA trains under bfloat16 autocast (BENCH_TRAIN_DTYPE to change), CPU in float32.
 """
@@ -24,6 +24,7 @@ import os
 import pytest
 import torch
 
+import kernels
 from bench import common
 
 # Validation loss starts at ~10.4 (ln of the 34k-word vocabulary). On CPU (float32, batch 8) the
@@ -33,18 +34,18 @@ EVAL_EVERY = 5
 VAL_WINDOWS = 64
 MAX_STEPS = 500 if common.ON_CUDA else 60
 TRAIN_DTYPE = os.environ.get("BENCH_TRAIN_DTYPE", "bfloat16" if common.ON_CUDA else "float32")
-TRAIN_BACKENDS = ("reference", "sdpa", "triton")
 N_BATCHES = 16  # distinct batches cycled through by the throughput benchmark
 
 
 def _configs() -> dict:
-    from gpt.train import TrainConfig
+    from gpt.config import TrainConfig
 
     default = TrainConfig(dtype=TRAIN_DTYPE, warmup=10)
     if not common.ON_CUDA:
         # ~1 s per step of batch 8 on a busy 2-core CPU; the default batch of 32 would take minutes per backend.
         return {"default": dataclasses.replace(default, batch_size=8)}
-    long = dataclasses.replace(default, seq_len=1024, d_model=512, n_head=8, batch_size=16)
+    wide = dataclasses.replace(default.model, d_model=512, n_head=8)
+    long = dataclasses.replace(default, seq_len=1024, batch_size=16, model=wide)
     return {"default": default, "long": long}
 
 
@@ -52,13 +53,13 @@ CONFIG_NAMES = ("default", "long") if common.ON_CUDA else ("default",)
 
 
 def describe(cfg) -> str:
-    return f"{cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads of {cfg.d_model // cfg.n_head}, {cfg.head} head"
+    model = cfg.model
+    return f"{model.n_layer} layers, d_model {model.d_model}, {model.n_head} heads of {model.d_model // model.n_head}, {model.head} head"
 
 
 @pytest.fixture(scope="session")
 def shakespeare():
-    from gpt.data import DataError
-    from gpt.train import load_data
+    from gpt.data import DataError, load_data
 
     try:
         return load_data(None)  # $GPT_SHAKESPEARE, else the user cache, else a download
@@ -70,11 +71,13 @@ class Run:
     """Model, optimizer and data of one backend's training run, built outside the timed region."""
 
     def __init__(self, cfg, backend: str, data, vocab):
-        from gpt.train import DTYPES, build_model, configure_optimizer
+        from gpt.config import DTYPES
+        from gpt.train import build_model, configure_optimizer
 
         self.cfg, self.device = cfg, torch.device(common.DEVICE)
         self.amp_dtype = DTYPES[cfg.dtype]
-        self.model = build_model(cfg.model_config(len(vocab), attn=backend), self.device, seed=cfg.seed)
+        model_config = dataclasses.replace(cfg.model, vocab_size=len(vocab), block_size=cfg.seq_len, attn=backend)
+        self.model = build_model(model_config, self.device, seed=cfg.seed)
         self.optimizer = configure_optimizer(self.model, cfg.lr, cfg.weight_decay, self.device)
         self.batches = [tuple(t.to(self.device) for t in data.train_batch(step, cfg.batch_size, cfg.seq_len, cfg.seed))
                         for step in range(N_BATCHES)]
@@ -119,7 +122,7 @@ def _record(benchmark, cfg, backend: str, metric: str, name: str) -> None:
     )
 
 
-@pytest.mark.parametrize("backend", TRAIN_BACKENDS)
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
 @pytest.mark.parametrize("config", CONFIG_NAMES)
 def test_train_throughput(benchmark, shakespeare, config, backend):
     _skip_unrunnable(backend)
@@ -134,7 +137,7 @@ def test_train_throughput(benchmark, shakespeare, config, backend):
         benchmark.extra_info["tokens_per_s"] = run.tokens_per_step / median
 
 
-@pytest.mark.parametrize("backend", TRAIN_BACKENDS)
+@pytest.mark.parametrize("backend", kernels.BACKENDS)
 @pytest.mark.parametrize("config", CONFIG_NAMES)
 def test_time_to_loss(benchmark, shakespeare, config, backend):
     _skip_unrunnable(backend)

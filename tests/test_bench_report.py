@@ -215,3 +215,11 @@ def test_several_jsons_merge_and_keep_ratios_within_each_run(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="device_name"):
         report.load_many([paths[0], tmp_path / "c.json"])
+
+
+def test_tables_leave_their_input_unchanged():
+    data = synthetic()
+    before = json.dumps(data, sort_keys=True)
+    report.summary_text(data["benchmarks"])
+    report.targets_section(data["benchmarks"], CPU_ENV)
+    assert json.dumps(data, sort_keys=True) == before

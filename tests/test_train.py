@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gpt import train
+from gpt import config, train
 from gpt.checkpoint import REQUIRED_KEYS, load_checkpoint
-from gpt.data import TokenData
+from gpt.data import TokenData, load_data
 from gpt.model import GPTConfig
 from helpers import (REPO, assert_same_losses, metrics, run_module, start_module, tiny_args, wait_for)
 
@@ -33,9 +33,22 @@ def test_every_flag_has_one_line_of_help(capsys):
         train.main(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for name in train.TrainConfig.__dataclass_fields__:
-        assert train.flag(name) in help_text
-    assert all(f.metadata["help"] for f in train.fields(train.TrainConfig))
+    options = config.run_options() + config.model_options()
+    for f in options:
+        assert config.flag(f.name) in help_text
+        assert f.metadata["help"]
+    # Every setting but the model's size-by-the-run fields is a flag, and each is declared once.
+    names = [f.name for f in options]
+    assert len(names) == len(set(names))
+    assert set(names) == (set(config.TrainConfig.__dataclass_fields__) - {"model"}) | (
+        set(GPTConfig.__dataclass_fields__) - set(config.SET_BY_THE_RUN))
+
+
+def test_model_flags_come_from_gpt_config_and_default_to_its_defaults():
+    cfg, state = config.configure(["--head", "full", "--no-causal", "--adaptive-cutoffs", "10", "20"])
+    assert state is None
+    assert cfg.model == GPTConfig(head="full", causal=False, adaptive_cutoffs=[10, 20])
+    assert config.configure([])[0] == config.TrainConfig()
 
 
 def test_learning_rate_warms_up_linearly_then_decays_to_a_tenth():
@@ -50,9 +63,9 @@ def test_learning_rate_warms_up_linearly_then_decays_to_a_tenth():
 
 @pytest.mark.parametrize("head, tie", [("full", False), ("full", True), ("adaptive", False)])
 def test_weight_decay_only_on_linear_weight_matrices(head, tie):
-    config = GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, d_model=16, head=head,
+    model_config = GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, d_model=16, head=head,
                        tie_embeddings=tie, adaptive_cutoffs=[8, 32])
-    model = train.build_model(config, "cpu", seed=0)
+    model = train.build_model(model_config, "cpu", seed=0)
     decayed, not_decayed = train.configure_optimizer(model, 1e-3, 0.1, "cpu").param_groups
     assert decayed["weight_decay"] == 0.1 and not_decayed["weight_decay"] == 0.0
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
@@ -64,12 +77,12 @@ def test_weight_decay_only_on_linear_weight_matrices(head, tie):
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-    config = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, d_model=16, head="full")
+    model_config = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, d_model=16, head="full", dropout=0.0)
     x = torch.randint(0, 50, (8, 8), generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 50, (8, 8), generator=torch.Generator().manual_seed(1))
     results = []
     for micro_batches in ([(x, y)], [(x[:4], y[:4]), (x[4:], y[4:])], [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]):
-        model = train.build_model(config, "cpu", seed=0)
+        model = train.build_model(model_config, "cpu", seed=0)
         # SGD: the update is the gradient itself (Adam's first step, ~lr * sign(gradient),
         # would magnify the rounding differences of near-zero gradients).
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -81,12 +94,14 @@ def test_gradient_accumulation_equals_one_big_batch():
         torch.testing.assert_close(params, results[0][1], rtol=1e-5, atol=1e-6)
 
 
-def test_train_config_validation_names_the_flag():
+def test_train_config_validation_names_the_option():
     with pytest.raises(ValueError, match="--batch-size must be positive"):
-        train.TrainConfig(batch_size=0).validate()
-    with pytest.raises(ValueError, match="--dropout"):
-        train.TrainConfig(dropout=1.0).validate()
-    train.TrainConfig().validate()
+        config.TrainConfig(batch_size=0).validate()
+    with pytest.raises(ValueError, match="dropout must be in"):
+        GPTConfig(dropout=1.0)
+    with pytest.raises(ValueError, match="n_layer must be positive"):
+        config.configure(["--n-layer", "0"])
+    config.TrainConfig().validate()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,7 +121,7 @@ def test_run_writes_metrics_checkpoint_plot_and_a_final_report(corpus, tmp_path,
         if record["val_loss"] is not None:
             assert record["val_ppl"] == pytest.approx(math.exp(record["val_loss"]))
     assert [r["val_loss"] is not None for r in records] == [True, False, True, False, True]
-    data, vocab = train.load_data(str(corpus))
+    data, vocab = load_data(str(corpus))
     assert records[0]["val_loss"] == pytest.approx(math.log(len(vocab)), rel=0.1)  # untrained: ~ln(vocab)
     assert records[-1]["val_loss"] < records[0]["val_loss"]
 
@@ -160,11 +175,13 @@ def test_resume_cannot_change_the_model_shape_or_the_step_budget(corpus, tmp_pat
     out = tmp_path / "out"
     assert train.main(tiny_args(corpus, out, "--steps", "4", "--stop-at", "2")) == 0
     with pytest.raises(ValueError, match="--d-model cannot change when resuming"):
-        train.configure(["--resume", "--out", str(out), "--d-model", "64"])
+        config.configure(["--resume", "--out", str(out), "--d-model", "64"])
     with pytest.raises(ValueError, match="--steps cannot change"):
-        train.configure(["--resume", "--out", str(out), "--steps", "9"])
-    config, state = train.configure(["--resume", "--out", str(out), "--lr", "0.01"])
-    assert config.lr == 0.01 and config.d_model == 32 and state["step"] == 2
+        config.configure(["--resume", "--out", str(out), "--steps", "9"])
+    with pytest.raises(ValueError, match="--causal cannot change"):
+        config.configure(["--resume", "--out", str(out), "--no-causal"])
+    cfg, state = config.configure(["--resume", "--out", str(out), "--lr", "0.01", "--dropout", "0.2"])
+    assert cfg.lr == 0.01 and cfg.model.d_model == 32 and cfg.model.dropout == 0.2 and state["step"] == 2
 
 
 # ---------------------------------------------------------------------------------------------
