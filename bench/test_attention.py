@@ -13,13 +13,14 @@ when the session ends (bench/conftest.py) and tabulated by `python -m bench.repo
 """
 import pytest
 
+import kernels
 from bench import common
 from bench.flops import (CPU_MODEL_DIM, CPU_TOKENS, GPU_MODEL_DIM, GPU_TOKENS, PASSES, AttentionShape,
                          attention_flops, constant_token_shape, tflops)
 
 TOKENS, MODEL_DIM = (GPU_TOKENS, GPU_MODEL_DIM) if common.ON_CUDA else (CPU_TOKENS, CPU_MODEL_DIM)
 TINY_SHAPE = AttentionShape(batch=1, heads=2, seqlen=128, head_dim=64)
-TINY_BACKENDS = ("reference", "sdpa", "triton")
+TINY_BACKENDS = kernels.BACKENDS  # ours, next to reference and sdpa on the same problem
 
 
 def bench_attention(benchmark, backend: str, mode: str, dtype: str, shape: AttentionShape, suite: str,

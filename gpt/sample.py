@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def sample(args: argparse.Namespace) -> int:
+def sample_from_checkpoint(args: argparse.Namespace) -> int:
     state = load_checkpoint(args.ckpt)
     device = pick_device(args.device)
     model, vocab = restore_model(state, attn=resolve_attention(args.attn, device))
@@ -61,7 +61,7 @@ def sample(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_program(lambda: sample(args))
+    return run_program(lambda: sample_from_checkpoint(args))
 
 
 if __name__ == "__main__":

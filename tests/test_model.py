@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 
+import kernels
 from gpt.model import GPT, GPTConfig
 
-ALL_BACKENDS = ["reference", "sdpa", "triton"]  # triton runs through Triton's interpreter on CPU
+ALL_BACKENDS = kernels.BACKENDS  # triton runs through Triton's interpreter on CPU
 
 
 def tiny_config(**overrides) -> GPTConfig:
