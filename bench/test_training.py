@@ -2,7 +2,7 @@
 
     GPT_SHAKESPEARE=/path/to/pg100.txt PYTHONPATH=. pytest bench/test_training.py --benchmark-only
 
-Both use gpt.train's own pieces (build_model, configure_optimizer, train_step, evaluate,
+Both use gpt.train's own pieces (gpt.step: build_model, configure_optimizer, train_step, evaluate,
 learning_rate) and its settings (gpt.config.TrainConfig), so what is timed is the step `python -m gpt.train` runs. Every backend gets the
 same model (same seed), the same batches and the same schedule. Batches are cut and moved to
 the device before timing: the timed work is the optimizer step itself.
@@ -72,7 +72,7 @@ class Run:
 
     def __init__(self, cfg, backend: str, data, vocab):
         from gpt.config import DTYPES
-        from gpt.train import build_model, configure_optimizer
+        from gpt.step import build_model, configure_optimizer
 
         self.cfg, self.device = cfg, torch.device(common.DEVICE)
         self.amp_dtype = DTYPES[cfg.dtype]
@@ -91,7 +91,7 @@ class Run:
         return self.cfg.batch_size * self.cfg.seq_len
 
     def train_one(self):
-        from gpt.train import learning_rate, train_step
+        from gpt.step import learning_rate, train_step
 
         cfg = self.cfg
         lr = learning_rate(self.step, cfg.lr, cfg.warmup, MAX_STEPS)
@@ -101,7 +101,7 @@ class Run:
         return loss
 
     def val_loss(self) -> float:
-        from gpt.train import evaluate
+        from gpt.step import evaluate
 
         return evaluate(self.model, *self.val, batch_size=self.cfg.batch_size, amp_dtype=self.amp_dtype)
 

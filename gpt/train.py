@@ -11,21 +11,11 @@ a checkpoint after the current step and exits with 128 + the signal number (130,
 signal exits at once. Expected problems (bad data path, corrupt checkpoint, bad flag values) end
 with one line on stderr and exit code 2.
 
-Reading order: the pieces of a step (build_model ... evaluate), then the run (Trainer: set up,
-loop, evaluate, save), then main. Around it: gpt/config.py (the settings and their flags),
+Reading order: Trainer (set up, loop, evaluate, save), then train() and main(). Around it:
+gpt/step.py (one training step, one evaluation), gpt/config.py (the settings and their flags),
 gpt/distributed.py (processes), gpt/runfiles.py (the files in --out), gpt/checkpoint.py.
-
-Reusable pieces, e.g. for benchmarks:
-    cfg = TrainConfig(steps=100)                          # every setting, with the defaults of a run
-    data, vocab = load_data(path)                         # (TokenData, Vocab); path None: $GPT_SHAKESPEARE
-    model = build_model(replace(cfg.model, vocab_size=len(vocab), block_size=cfg.seq_len), device, seed=cfg.seed)
-    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, device)
-    x, y = data.train_batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)
-    loss = train_step(model, optimizer, [(x.to(device), y.to(device))], lr=cfg.lr, grad_clip=cfg.grad_clip)
-        # one optimizer step over a list of micro-batches; the mean loss stays on the device (no sync)
-    train(cfg)                                            # a whole run, as `python -m gpt.train` does
+From Python, a whole run is `train(TrainConfig(steps=100))`.
 """
-import contextlib
 import copy
 import math
 import signal
@@ -35,8 +25,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from .checkpoint import FORMAT, restore_model, save_checkpoint
@@ -44,111 +32,15 @@ from .cli import resolve_attention, run_program
 from .config import DTYPES, TrainConfig, configure
 from .data import TokenData, Vocab, load_data
 from .distributed import World, setup_world, wrap_for_training
-from .model import GPT, GPTConfig
+from .model import GPT
 from .plot import plot_losses
 from .runfiles import CKPT_NAME, METRICS_NAME, PLOT_NAME, MetricsLog, StopRequest
 from .sample import complete
+from .step import build_model, configure_optimizer, evaluate, learning_rate, to_device, train_step
 
-FINAL_LR_FRACTION = 0.1  # the cosine schedule ends at 10% of the peak learning rate
 # Validation perplexities on the same split, for comparison at the end of a run.
 BASELINES = (("Kneser-Ney trigram", 69.0), ("unigram", 203.0), ("nanoGPT, 15 min", 58.2))
 UNTIMED_STEPS, TIMED_STEPS = 2, 8  # --minutes: steps run to warm up, then to measure, before training
-
-
-# ---------------------------------------------------------------------------------------------
-# The pieces of a training step
-
-
-def build_model(config: GPTConfig, device: torch.device | str, seed: int) -> GPT:
-    """A freshly initialized GPT; the same seed gives the same weights in every process."""
-    torch.manual_seed(seed)
-    return GPT(config).to(device)
-
-
-def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device | str) -> torch.optim.AdamW:
-    """AdamW that decays only the weight matrices of Linear layers.
-
-    Decay pulls weights towards zero; that regularizes the matrices that mix features, but on a
-    norm's gain or a bias it only fights the scale the layer needs, and on an embedding it would
-    shrink the vectors of rare words, which get few gradient updates to push back. A tied output
-    matrix is the embedding, so it is not decayed either.
-    """
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    matrices = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
-    params = list(model.parameters())  # each shared parameter once
-    groups = [{"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay},
-              {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=torch.device(device).type == "cuda")
-
-
-def learning_rate(step: int, peak: float, warmup: int, total_steps: int) -> float:
-    """Linear warmup to `peak` over `warmup` steps, then cosine decay to FINAL_LR_FRACTION * peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return peak * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-               *, lr: float, grad_clip: float = 0.0, amp_dtype: torch.dtype | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
-    """One optimizer step over micro_batches [(x, y), ...], each (B, T) token ids on the model's device.
-
-    Each micro-batch's loss is divided by their number, so the summed gradients are those of the
-    mean loss over all of them. Under DDP only the last backward all-reduces the gradients (the
-    others run in no_sync): one exchange per step, not per micro-batch.
-    amp_dtype: autocast dtype (None: float32); scaler: loss scaling for float16.
-    Returns the mean loss as a 0-dim tensor on the device: reading it (.item()) waits for the device.
-    """
-    device = micro_batches[0][0].device
-    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    total = torch.zeros((), device=device)
-    for i, (x, y) in enumerate(micro_batches):
-        is_last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if is_last or not isinstance(model, DDP) else model.no_sync():
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                _, loss = model(x, y)
-            loss = loss / len(micro_batches)
-            scaler.scale(loss).backward()
-        total += loss.detach()
-    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-    if grad_clip > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return total
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
-             amp_dtype: torch.dtype | None = None) -> float:
-    """Mean cross-entropy over the (n, T) windows. All windows have T tokens, so the mean over
-    windows is the mean over tokens; the last, shorter batch is weighted by its size."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), device=device)
-    for start in range(0, len(inputs), batch_size):
-        x, y = to_device(inputs[start:start + batch_size], device), to_device(targets[start:start + batch_size], device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            _, loss = model(x, y)
-        total += loss.float() * len(x)
-    model.train(was_training)
-    return total.item() / len(inputs)
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # From pinned memory the copy to a GPU is asynchronous: the CPU does not wait for it.
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
-
-
-# ---------------------------------------------------------------------------------------------
-# The run
 
 
 class Trainer:

@@ -1,4 +1,4 @@
-"""gpt.train: schedule, optimizer groups, train_step, outputs of a run, exact resume, signals, errors.
+"""gpt.train, gpt.step and gpt.config: schedule, optimizer groups, train_step, outputs of a run, exact resume, signals, errors.
 
 Most runs use a tiny model on a small synthetic corpus, in this process (fast); the tests of
 exit codes and stderr run `python -m gpt.train` in a subprocess. Shared helpers are in
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gpt import config, train
+from gpt import config, step, train
 from gpt.checkpoint import REQUIRED_KEYS, load_checkpoint
 from gpt.data import TokenData, load_data
 from gpt.model import GPTConfig
@@ -52,21 +52,21 @@ def test_model_flags_come_from_gpt_config_and_default_to_its_defaults():
 
 
 def test_learning_rate_warms_up_linearly_then_decays_to_a_tenth():
-    lr = [train.learning_rate(step, 1.0, warmup=10, total_steps=110) for step in range(110)]
+    lr = [step.learning_rate(n, 1.0, warmup=10, total_steps=110) for n in range(110)]
     assert lr[0] == pytest.approx(0.1) and lr[4] == pytest.approx(0.5) and lr[9] == pytest.approx(1.0)
     assert lr[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lr[9:], lr[10:]))  # never increases after warmup
     assert lr[60] == pytest.approx(0.55)  # halfway: the cosine is at its midpoint
-    assert train.learning_rate(110, 1.0, 10, 110) == pytest.approx(train.FINAL_LR_FRACTION)
-    assert train.learning_rate(500, 1.0, 10, 110) == pytest.approx(train.FINAL_LR_FRACTION)
+    assert step.learning_rate(110, 1.0, 10, 110) == pytest.approx(step.FINAL_LR_FRACTION)
+    assert step.learning_rate(500, 1.0, 10, 110) == pytest.approx(step.FINAL_LR_FRACTION)
 
 
 @pytest.mark.parametrize("head, tie", [("full", False), ("full", True), ("adaptive", False)])
 def test_weight_decay_only_on_linear_weight_matrices(head, tie):
     model_config = GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, d_model=16, head=head,
                        tie_embeddings=tie, adaptive_cutoffs=[8, 32])
-    model = train.build_model(model_config, "cpu", seed=0)
-    decayed, not_decayed = train.configure_optimizer(model, 1e-3, 0.1, "cpu").param_groups
+    model = step.build_model(model_config, "cpu", seed=0)
+    decayed, not_decayed = step.configure_optimizer(model, 1e-3, 0.1, "cpu").param_groups
     assert decayed["weight_decay"] == 0.1 and not_decayed["weight_decay"] == 0.0
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -82,11 +82,11 @@ def test_gradient_accumulation_equals_one_big_batch():
     y = torch.randint(0, 50, (8, 8), generator=torch.Generator().manual_seed(1))
     results = []
     for micro_batches in ([(x, y)], [(x[:4], y[:4]), (x[4:], y[4:])], [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]):
-        model = train.build_model(model_config, "cpu", seed=0)
+        model = step.build_model(model_config, "cpu", seed=0)
         # SGD: the update is the gradient itself (Adam's first step, ~lr * sign(gradient),
         # would magnify the rounding differences of near-zero gradients).
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        loss = train.train_step(model, optimizer, micro_batches, lr=1.0, grad_clip=1.0)
+        loss = step.train_step(model, optimizer, micro_batches, lr=1.0, grad_clip=1.0)
         assert loss.dim() == 0
         results.append((loss.item(), torch.cat([p.flatten() for p in model.parameters()])))
     for loss, params in results[1:]:
