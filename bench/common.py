@@ -18,6 +18,7 @@ Environment variables override them (comma-separated lists):
     BENCH_TRITON_CPU_MAX_LEN  longest seqlen of the main grid at which the Triton interpreter is
                               timed on CPU (default 0: only the tiny problem of test_attention_tiny)
 """
+
 import contextlib
 import datetime
 import functools
@@ -58,8 +59,11 @@ WARMUP_ROUNDS = 3 if ON_CUDA else 1
 # 2-core machine), so the CPU grid leaves it out; test_attention_tiny times it at 1 x 2 heads.
 TRITON_CPU_MAX_LEN = int(os.environ.get("BENCH_TRITON_CPU_MAX_LEN", "0"))
 
-_SDPA_KERNELS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
-                 "sdpa-cudnn": "CUDNN_ATTENTION"}
+_SDPA_KERNELS = {
+    "sdpa-flash": "FLASH_ATTENTION",
+    "sdpa-efficient": "EFFICIENT_ATTENTION",
+    "sdpa-cudnn": "CUDNN_ATTENTION",
+}
 
 INTERPRETER_REASON = (
     "Triton has no CPU backend: on CPU our kernel runs through Triton's interpreter (TRITON_INTERPRET=1), "
@@ -93,7 +97,7 @@ def _version(package: str) -> str | None:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def environment() -> dict:
     """Device and software versions, recorded in every benchmark JSON and printed on every table."""
     env = {
@@ -121,6 +125,7 @@ def now_utc() -> str:
 # Attention callables
 # ---------------------------------------------------------------------------------------------
 
+
 class BackendUnavailable(Exception):
     """This backend cannot run here; the message is the skip reason."""
 
@@ -131,8 +136,10 @@ def triton_skip_reason(seqlen: int | None = None) -> str | None:
     if reason is not None:
         return reason
     if not ON_CUDA and seqlen is not None and seqlen > TRITON_CPU_MAX_LEN:
-        return (f"{INTERPRETER_REASON}; on CPU it is timed only by test_attention_tiny "
-                f"(or up to BENCH_TRITON_CPU_MAX_LEN={TRITON_CPU_MAX_LEN})")
+        return (
+            f"{INTERPRETER_REASON}; on CPU it is timed only by test_attention_tiny "
+            f"(or up to BENCH_TRITON_CPU_MAX_LEN={TRITON_CPU_MAX_LEN})"
+        )
     return None
 
 
@@ -187,20 +194,34 @@ def backend_context(backend: str):
     return sdpa_kernel(member)
 
 
-def make_qkv(batch: int, heads: int, seqlen: int, head_dim: int, dtype: torch.dtype,
-             requires_grad: bool, device=DEVICE, seed: int = 0):
+def make_qkv(
+    batch: int,
+    heads: int,
+    seqlen: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    requires_grad: bool,
+    device=DEVICE,
+    seed: int = 0,
+):
     g = torch.Generator(device=device).manual_seed(seed)
-    q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype, generator=g)
-               .requires_grad_(requires_grad) for _ in range(3))
+    q, k, v = (
+        torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype, generator=g).requires_grad_(
+            requires_grad
+        )
+        for _ in range(3)
+    )
     return q, k, v
 
 
 def pass_fn(attn, q, k, v, mode: str):
     """The timed work: forward only (no autograd graph) or forward + backward."""
     if mode == "fwd":
+
         def run():
             with torch.no_grad():
                 return attn(q, k, v)
+
         return run
     if mode == "fwd_bwd":
         g = torch.Generator(device=q.device).manual_seed(1)
@@ -210,6 +231,7 @@ def pass_fn(attn, q, k, v, mode: str):
             out = attn(q, k, v)
             # autograd.grad returns fresh gradients instead of accumulating into .grad
             return torch.autograd.grad(out, (q, k, v), dout)
+
         return run
     raise ValueError(f"mode must be fwd or fwd_bwd, got {mode!r}")
 
@@ -217,6 +239,7 @@ def pass_fn(attn, q, k, v, mode: str):
 # ---------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------
+
 
 def synchronize(device=DEVICE) -> None:
     if torch.device(device).type == "cuda":
@@ -261,8 +284,14 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_benchmark(benchmark, fn, device=DEVICE, budget_s: float | None = None,
-                  min_rounds: int | None = None, max_rounds: int | None = None) -> float | None:
+def run_benchmark(
+    benchmark,
+    fn,
+    device=DEVICE,
+    budget_s: float | None = None,
+    min_rounds: int | None = None,
+    max_rounds: int | None = None,
+) -> float | None:
     """Time fn with pytest-benchmark; returns the median seconds per call (None if disabled).
 
     The first call (compilation, Triton autotuning, cuDNN plan) and WARMUP_ROUNDS more are not

@@ -8,6 +8,7 @@
   training benchmark gets its ratio to sdpa from the same run (extra_info["speedup_vs_sdpa"]).
 * After a benchmark run, the terminal summary prints the TFLOP/s tables of bench.report.
 """
+
 import os
 
 import pytest
@@ -20,7 +21,9 @@ def pytest_configure(config):
     if not hasattr(option, "benchmark_skip"):
         return  # pytest-benchmark is not installed or disabled with -p no:benchmark
     # --benchmark-disable asks to run each benchmark body once, untimed (a smoke test): allowed too.
-    wants_benchmarks = any(getattr(option, name, False) for name in ("benchmark_only", "benchmark_enable", "benchmark_disable"))
+    wants_benchmarks = any(
+        getattr(option, name, False) for name in ("benchmark_only", "benchmark_enable", "benchmark_disable")
+    )
     if not wants_benchmarks:
         option.benchmark_skip = True
 
@@ -31,8 +34,10 @@ def pytest_report_header(config):
     from bench.common import environment
 
     env = environment()
-    return (f"benchmarks on {env['device']} ({env['device_name']}): torch {env['torch']}, "
-            f"triton {env['triton']}, CUDA {env['cuda']}")
+    return (
+        f"benchmarks on {env['device']} ({env['device_name']}): torch {env['torch']}, "
+        f"triton {env['triton']}, CUDA {env['cuda']}"
+    )
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

@@ -14,6 +14,7 @@ Shapes keep the number of tokens constant across sequence lengths (FlashAttentio
 benchmark): batch = tokens // seqlen and heads = model_dim // head_dim, so each (seqlen,
 head_dim) point moves the same amount of q/k/v data and only the attention pattern grows.
 """
+
 from dataclasses import dataclass
 
 PASSES = ("fwd", "fwd_bwd")
@@ -27,8 +28,9 @@ CPU_TOKENS = 2_048
 CPU_MODEL_DIM = 256
 
 
-def attention_flops(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int,
-                    causal: bool = True, mode: str = "fwd") -> float:
+def attention_flops(
+    batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int, causal: bool = True, mode: str = "fwd"
+) -> float:
     """Useful floating-point operations of one attention call; mode is fwd, bwd or fwd_bwd."""
     if mode not in _PASS_FACTOR:
         raise ValueError(f"mode must be one of {', '.join(_PASS_FACTOR)}, got {mode!r}")
@@ -56,11 +58,12 @@ class AttentionShape:
         return {"batch": self.batch, "heads": self.heads, "seqlen": self.seqlen, "head_dim": self.head_dim}
 
 
-def constant_token_shape(seqlen: int, head_dim: int, tokens: int = GPU_TOKENS,
-                         model_dim: int = GPU_MODEL_DIM) -> AttentionShape:
+def constant_token_shape(
+    seqlen: int, head_dim: int, tokens: int = GPU_TOKENS, model_dim: int = GPU_MODEL_DIM
+) -> AttentionShape:
     """batch = tokens // seqlen (at least 1), heads = model_dim // head_dim (at least 1)."""
     if seqlen < 1 or head_dim < 1:
         raise ValueError(f"seqlen and head_dim must be positive, got {seqlen}, {head_dim}")
-    return AttentionShape(batch=max(1, tokens // seqlen), heads=max(1, model_dim // head_dim),
-                          seqlen=seqlen, head_dim=head_dim)
-
+    return AttentionShape(
+        batch=max(1, tokens // seqlen), heads=max(1, model_dim // head_dim), seqlen=seqlen, head_dim=head_dim
+    )

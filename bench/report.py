@@ -11,6 +11,7 @@ Numbers come from the benchmarks' own statistics (--stat, median by default): TF
 extra_info["flops"] / time, and "x sdpa" is sdpa's time over the backend's time for the same
 problem (same benchmark group) in the same run, i.e. > 1 means faster than sdpa.
 """
+
 import argparse
 import json
 import math
@@ -23,8 +24,15 @@ from bench.flops import tflops
 
 MODE_NAMES = {"fwd": "forward", "fwd_bwd": "forward + backward"}
 RATIO_KINDS = ("attention", "training")
-COLORS = {"reference": "tab:gray", "sdpa": "tab:blue", "sdpa-flash": "tab:orange", "sdpa-efficient": "tab:green",
-          "sdpa-cudnn": "tab:purple", "flex": "tab:red", "triton": "black"}
+COLORS = {
+    "reference": "tab:gray",
+    "sdpa": "tab:blue",
+    "sdpa-flash": "tab:orange",
+    "sdpa-efficient": "tab:green",
+    "sdpa-cudnn": "tab:purple",
+    "flex": "tab:red",
+    "triton": "black",
+}
 
 
 def line_style(backend: str) -> dict:
@@ -36,6 +44,8 @@ def line_style(backend: str) -> dict:
     elif backend == "reference":
         style["linestyle"] = ":"
     return style
+
+
 # The GPU goals of the project (H100), checked when a CUDA run has the data.
 TARGET_FWD_TFLOPS = 450.0
 
@@ -44,12 +54,15 @@ TARGET_FWD_TFLOPS = 450.0
 # Reading
 # ---------------------------------------------------------------------------------------------
 
+
 def load(path) -> dict:
     with open(path) as f:
         data = json.load(f)
     if "benchmarks" not in data:
-        raise ValueError(f"{path} is not a pytest-benchmark JSON (no 'benchmarks' key); "
-                         "make one with pytest --benchmark-only --benchmark-json=PATH")
+        raise ValueError(
+            f"{path} is not a pytest-benchmark JSON (no 'benchmarks' key); "
+            "make one with pytest --benchmark-only --benchmark-json=PATH"
+        )
     return data
 
 
@@ -64,8 +77,10 @@ def load_many(paths) -> dict:
     for path, env in zip(paths[1:], envs[1:]):
         differ = [k for k in SAME_ENV_KEYS if env.get(k) != envs[0].get(k)]
         if differ:
-            raise ValueError(f"{path} differs from {paths[0]} in {', '.join(differ)}: "
-                             "report runs of different devices or versions separately")
+            raise ValueError(
+                f"{path} differs from {paths[0]} in {', '.join(differ)}: "
+                "report runs of different devices or versions separately"
+            )
     merged = dict(runs[0], benchmarks=[])
     for i, data in enumerate(runs):
         for b in data["benchmarks"]:
@@ -90,8 +105,10 @@ def environment_of(data: dict) -> dict:
 def env_caption(env: dict) -> str:
     device = str(env.get("device", "?")).upper()
     date = str(env.get("date", "?"))[:10]
-    return (f"{device} · {env.get('device_name', '?')} · torch {env.get('torch', '?')} · "
-            f"triton {env.get('triton') or 'none'} · CUDA {env.get('cuda') or 'none'} · {date}")
+    return (
+        f"{device} · {env.get('device_name', '?')} · torch {env.get('torch', '?')} · "
+        f"triton {env.get('triton') or 'none'} · CUDA {env.get('cuda') or 'none'} · {date}"
+    )
 
 
 def seconds(bench: dict, stat: str = "median") -> float:
@@ -120,10 +137,14 @@ def speedups(benchmarks, stat: str = "median") -> dict:
     """{ratio_key: sdpa's time / this benchmark's time}, within each benchmark group of one run,
     for the kinds that have a ratio. Reads the benchmarks, never changes them."""
     with_ratio = [b for b in benchmarks if info(b).get("kind") in RATIO_KINDS and b.get("stats")]
-    baseline = {(b.get("run"), b.get("group")): seconds(b, stat) for b in with_ratio
-                if info(b).get("backend") == BASELINE}
-    return {ratio_key(b): baseline[(b.get("run"), b.get("group"))] / seconds(b, stat) for b in with_ratio
-            if (b.get("run"), b.get("group")) in baseline}
+    baseline = {
+        (b.get("run"), b.get("group")): seconds(b, stat) for b in with_ratio if info(b).get("backend") == BASELINE
+    }
+    return {
+        ratio_key(b): baseline[(b.get("run"), b.get("group"))] / seconds(b, stat)
+        for b in with_ratio
+        if (b.get("run"), b.get("group")) in baseline
+    }
 
 
 def annotate_ratios(benchmarks, stat: str = "median") -> None:
@@ -162,6 +183,7 @@ def _markdown(header: list, rows: list) -> str:
 # Tables
 # ---------------------------------------------------------------------------------------------
 
+
 def attention_index(benchmarks, stat: str = "median", suite: str = "main") -> dict:
     """{(dtype, mode): {(head_dim, seqlen): {backend: (tflops, ratio, bench)}}} for one suite."""
     ratios = speedups(benchmarks, stat)
@@ -171,7 +193,11 @@ def attention_index(benchmarks, stat: str = "median", suite: str = "main") -> di
         if i.get("suite", "main") != suite:
             continue
         ratio = ratios.get(ratio_key(b))
-        index[(i["dtype"], i["mode"])][(i["head_dim"], i["seqlen"])][i["backend"]] = (tflops(i["flops"], seconds(b, stat)), ratio, b)
+        index[(i["dtype"], i["mode"])][(i["head_dim"], i["seqlen"])][i["backend"]] = (
+            tflops(i["flops"], seconds(b, stat)),
+            ratio,
+            b,
+        )
     return index
 
 
@@ -196,7 +222,9 @@ def _attention_tables(benchmarks, stat, caption, suite) -> list:
     index = attention_index(benchmarks, stat, suite)
     for (dtype, mode), rows in sorted(index.items(), key=lambda kv: (kv[0][0], kv[0][1] != "fwd")):
         backends = sorted({name for cells in rows.values() for name in cells}, key=backend_sort_key)
-        header = ["seqlen", "head dim", "batch × heads"] + [f"{name} TFLOP/s" + ("" if name == BASELINE else " (× sdpa)") for name in backends]
+        header = ["seqlen", "head dim", "batch × heads"] + [
+            f"{name} TFLOP/s" + ("" if name == BASELINE else " (× sdpa)") for name in backends
+        ]
         body = []
         for (head_dim, seqlen), cells in sorted(rows.items()):
             any_bench = next(iter(cells.values()))[2]
@@ -227,9 +255,11 @@ def memory_table(benchmarks, caption: str | None = None) -> str:
     body = []
     for seqlen in sorted({info(b)["seqlen"] for b in results}):
         body.append([seqlen] + [fmt(cells.get((seqlen, name))) for name in backends])
-    text = [f"#### Peak memory of forward + backward (MiB beyond the inputs), batch {first['batch']}, "
-            f"{first['heads']} heads, head dim {first['head_dim']}, {first['dtype']}\n",
-            _markdown(["seqlen"] + backends, body)]
+    text = [
+        f"#### Peak memory of forward + backward (MiB beyond the inputs), batch {first['batch']}, "
+        f"{first['heads']} heads, head dim {first['head_dim']}, {first['dtype']}\n",
+        _markdown(["seqlen"] + backends, body),
+    ]
     if caption:
         text.append(f"\n_{caption}_")
     return "\n".join(text) + "\n"
@@ -267,21 +297,29 @@ def _training_table(results, ratios: dict, stat, caption) -> str:
         row = [name]
         if through:
             b = by_backend[name].get("throughput")
-            row += ["—", "—"] if b is None else [
-                f"{info(b)['tokens_per_step'] / seconds(b, stat):,.0f}", fmt_ratio(ratios.get(ratio_key(b)))]
+            row += (
+                ["—", "—"]
+                if b is None
+                else [f"{info(b)['tokens_per_step'] / seconds(b, stat):,.0f}", fmt_ratio(ratios.get(ratio_key(b)))]
+            )
         if to_loss:
             b = by_backend[name].get("time_to_loss")
             if b is None:
                 row += ["—", "—", "—"]
             else:
                 reached = info(b).get("reached", True)
-                row += [fmt(seconds(b, stat)) + ("" if reached else " (not reached)"), info(b).get("steps", "—"),
-                        fmt_ratio(ratios.get(ratio_key(b)))]
+                row += [
+                    fmt(seconds(b, stat)) + ("" if reached else " (not reached)"),
+                    info(b).get("steps", "—"),
+                    fmt_ratio(ratios.get(ratio_key(b))),
+                ]
         body.append(row)
     cfg = info(through or to_loss)
-    text = [f"#### Training on Shakespeare, config {cfg.get('config', 'default')!r}: {cfg.get('model', '')}, "
-            f"batch {cfg.get('batch_size')} × {cfg.get('seq_len')} tokens, {cfg.get('dtype', '')}\n",
-            _markdown(header, body)]
+    text = [
+        f"#### Training on Shakespeare, config {cfg.get('config', 'default')!r}: {cfg.get('model', '')}, "
+        f"batch {cfg.get('batch_size')} × {cfg.get('seq_len')} tokens, {cfg.get('dtype', '')}\n",
+        _markdown(header, body),
+    ]
     if caption:
         text.append(f"\n_{caption}_")
     return "\n".join(text) + "\n"
@@ -290,29 +328,45 @@ def _training_table(results, ratios: dict, stat, caption) -> str:
 def targets_section(benchmarks, env: dict, stat: str = "median") -> str:
     """Check the project's GPU goals against this run's numbers (CUDA runs only)."""
     if env.get("device") != "cuda":
-        return ("The GPU targets (H100: forward+backward causal bf16 triton ≥ 1.0× sdpa at seqlen ≥ 1k; forward causal "
-                f"bf16 head dim 128 at 16k ≥ {TARGET_FWD_TFLOPS:.0f} TFLOP/s; training tokens/s triton ≥ sdpa) are "
-                "GPU goals and cannot be judged from this run: see bench/results/NOTES.md.\n")
+        return (
+            "The GPU targets (H100: forward+backward causal bf16 triton ≥ 1.0× sdpa at seqlen ≥ 1k; forward causal "
+            f"bf16 head dim 128 at 16k ≥ {TARGET_FWD_TFLOPS:.0f} TFLOP/s; training tokens/s triton ≥ sdpa) are "
+            "GPU goals and cannot be judged from this run: see bench/results/NOTES.md.\n"
+        )
     index = attention_index(benchmarks, stat)
-    lines = [f"Goals set for an H100; this run's device: {env.get('device_name')}.\n",
-             "| target | measured | met |", "|---|---|---|"]
+    lines = [
+        f"Goals set for an H100; this run's device: {env.get('device_name')}.\n",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
     fb = index.get(("bfloat16", "fwd_bwd"), {})
-    ratios = [(t, d, cells["triton"][1]) for (d, t), cells in fb.items()
-              if t >= 1024 and "triton" in cells and cells["triton"][1] is not None]
+    ratios = [
+        (t, d, cells["triton"][1])
+        for (d, t), cells in fb.items()
+        if t >= 1024 and "triton" in cells and cells["triton"][1] is not None
+    ]
     if ratios:
         worst = min(ratios, key=lambda x: x[2])
-        lines.append(f"| fwd+bwd causal bf16, triton ≥ 1.0× sdpa at every seqlen ≥ 1k | worst {worst[2]:.2f}× "
-                     f"(T={worst[0]}, d={worst[1]}) | {'yes' if worst[2] >= 1.0 else 'no'} |")
+        lines.append(
+            f"| fwd+bwd causal bf16, triton ≥ 1.0× sdpa at every seqlen ≥ 1k | worst {worst[2]:.2f}× "
+            f"(T={worst[0]}, d={worst[1]}) | {'yes' if worst[2] >= 1.0 else 'no'} |"
+        )
     else:
         lines.append("| fwd+bwd causal bf16, triton ≥ 1.0× sdpa at every seqlen ≥ 1k | not measured | — |")
     cell = index.get(("bfloat16", "fwd"), {}).get((128, 16384), {}).get("triton")
     if cell:
-        lines.append(f"| fwd causal bf16 d128 T=16k, triton ≥ {TARGET_FWD_TFLOPS:.0f} TFLOP/s | {cell[0]:.0f} TFLOP/s | "
-                     f"{'yes' if cell[0] >= TARGET_FWD_TFLOPS else 'no'} |")
+        lines.append(
+            f"| fwd causal bf16 d128 T=16k, triton ≥ {TARGET_FWD_TFLOPS:.0f} TFLOP/s | {cell[0]:.0f} TFLOP/s | "
+            f"{'yes' if cell[0] >= TARGET_FWD_TFLOPS else 'no'} |"
+        )
     else:
         lines.append(f"| fwd causal bf16 d128 T=16k, triton ≥ {TARGET_FWD_TFLOPS:.0f} TFLOP/s | not measured | — |")
     speedup = speedups(benchmarks, stat)
-    tr = [b for b in of_kind(benchmarks, "training") if info(b).get("metric") == "throughput" and info(b)["backend"] == "triton"]
+    tr = [
+        b
+        for b in of_kind(benchmarks, "training")
+        if info(b).get("metric") == "throughput" and info(b)["backend"] == "triton"
+    ]
     r = speedup.get(ratio_key(tr[0])) if tr else None
     if r is not None:
         lines.append(f"| training tokens/s, triton ≥ sdpa | {r:.2f}× | {'yes' if r >= 1.0 else 'no'} |")
@@ -330,6 +384,7 @@ def summary_text(benchmarks, stat: str = "median") -> str:
 # ---------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------
+
 
 def _pyplot():
     import matplotlib
@@ -356,11 +411,17 @@ def plot_attention(benchmarks, out_dir: Path, env: dict, stat: str = "median") -
     paths = []
     index = attention_index(benchmarks, stat)
     for dtype in sorted({dtype for dtype, _ in index}):
-        modes = [m for m in ("fwd", "fwd_bwd") if (dtype, m) in index] + \
-                sorted(m for d, m in index if d == dtype and m not in ("fwd", "fwd_bwd"))
+        modes = [m for m in ("fwd", "fwd_bwd") if (dtype, m) in index] + sorted(
+            m for d, m in index if d == dtype and m not in ("fwd", "fwd_bwd")
+        )
         head_dims = sorted({d for m in modes for (d, _) in index[(dtype, m)]})
-        fig, axes = plt.subplots(len(modes), len(head_dims), figsize=(5.2 * len(head_dims), 3.9 * len(modes) + 0.9),
-                                 squeeze=False, sharex=True)
+        fig, axes = plt.subplots(
+            len(modes),
+            len(head_dims),
+            figsize=(5.2 * len(head_dims), 3.9 * len(modes) + 0.9),
+            squeeze=False,
+            sharex=True,
+        )
         for r, mode in enumerate(modes):
             for c, head_dim in enumerate(head_dims):
                 ax = axes[r][c]
@@ -371,8 +432,14 @@ def plot_attention(benchmarks, out_dir: Path, env: dict, stat: str = "median") -
                             series[name].append((seqlen, tf))
                 for name in sorted(series, key=backend_sort_key):
                     pts = sorted(series[name])
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=4, label=name,
-                            **line_style(name))
+                    ax.plot(
+                        [p[0] for p in pts],
+                        [p[1] for p in pts],
+                        marker="o",
+                        markersize=4,
+                        label=name,
+                        **line_style(name),
+                    )
                 ax.set_xscale("log", base=2)
                 ax.set_title(f"{MODE_NAMES.get(mode, mode)}, head dim {head_dim}", fontsize=10)
                 ax.set_ylabel("TFLOP/s")
@@ -416,8 +483,12 @@ def plot_memory(benchmarks, out_dir: Path, env: dict) -> list:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     first = info(results[0])
-    _suptitle(fig, f"Peak memory, causal fwd+bwd, batch {first['batch']}, {first['heads']} heads, "
-                   f"d{first['head_dim']}, {first['dtype']}", env)
+    _suptitle(
+        fig,
+        f"Peak memory, causal fwd+bwd, batch {first['batch']}, {first['heads']} heads, "
+        f"d{first['head_dim']}, {first['dtype']}",
+        env,
+    )
     fig.tight_layout()
     path = out_dir / "memory.png"
     fig.savefig(path, dpi=110)
@@ -426,8 +497,10 @@ def plot_memory(benchmarks, out_dir: Path, env: dict) -> list:
 
 
 def plot_training(benchmarks, out_dir: Path, env: dict, stat: str = "median") -> list:
-    configs = {name: [b for b in results if info(b).get("metric") == "throughput"]
-               for name, results in training_configs(benchmarks).items()}
+    configs = {
+        name: [b for b in results if info(b).get("metric") == "throughput"]
+        for name, results in training_configs(benchmarks).items()
+    }
     configs = {name: results for name, results in configs.items() if results}
     if not configs:
         return []
@@ -440,7 +513,9 @@ def plot_training(benchmarks, out_dir: Path, env: dict, stat: str = "median") ->
         bars = ax.bar(names, values, color=[COLORS.get(n, "tab:cyan") for n in names])
         ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8)
         first = info(results[0])
-        ax.set_title(f"{config}: batch {first.get('batch_size')} × {first.get('seq_len')}, {first.get('dtype')}", fontsize=10)
+        ax.set_title(
+            f"{config}: batch {first.get('batch_size')} × {first.get('seq_len')}, {first.get('dtype')}", fontsize=10
+        )
         ax.set_ylabel("training tokens/s")
         ax.grid(True, axis="y", alpha=0.3)
     _suptitle(fig, f"GPT training step throughput on Shakespeare ({stat} step time)", env)
@@ -454,6 +529,7 @@ def plot_training(benchmarks, out_dir: Path, env: dict, stat: str = "median") ->
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
+
 
 def _host_line(env: dict) -> str:
     parts = []
@@ -470,20 +546,29 @@ def render_markdown(data: dict, stat: str = "median", images: list | None = None
     caption = env_caption(env)
     on_cpu = env.get("device") == "cpu"
     title = "Benchmark results" + (" — CPU" if on_cpu else f" — {env.get('device_name')}")
-    out = [f"# {title}\n", f"**Device:** {env.get('device_name')} ({str(env.get('device')).upper()})  ",
-           f"**torch** {env.get('torch')} · **triton** {env.get('triton') or 'none'} · **CUDA** {env.get('cuda') or 'none'}"
-           f" · **cuDNN** {env.get('cudnn') or 'none'} · **date** {env.get('date')}" + _host_line(env) + "\n"]
+    out = [
+        f"# {title}\n",
+        f"**Device:** {env.get('device_name')} ({str(env.get('device')).upper()})  ",
+        f"**torch** {env.get('torch')} · **triton** {env.get('triton') or 'none'}"
+        f" · **CUDA** {env.get('cuda') or 'none'} · **cuDNN** {env.get('cudnn') or 'none'} · **date** {env.get('date')}"
+        + _host_line(env)
+        + "\n",
+    ]
     if on_cpu:
-        out.append("> **Measured on CPU.** These numbers compare PyTorch's CPU attention paths on this machine and say "
-                   "nothing about GPU performance. Triton has no CPU backend: where our kernel appears, it ran through "
-                   "Triton's interpreter (NumPy), which is why it is orders of magnitude slower here and timed only at "
-                   "the smallest size. GPU results: see bench/results/NOTES.md.\n")
-    out.append(f"Times are the {stat} over the timed rounds; warm-up, compilation and autotuning are excluded. "
-               "TFLOP/s use the FlashAttention count (forward 4·B·H·T²·D, halved for causal; forward + backward "
-               "3.5× forward) for every backend, so the reference, which computes the masked half anyway, is "
-               "credited with useful work only. `(x×)` is the speed relative to `sdpa` "
-               "(`F.scaled_dot_product_attention`, default dispatch) on the same problem in the same run: "
-               "> 1 is faster. `—`: not run (skipped: CUDA-only backend, interpreter, out of memory, or filtered).\n")
+        out.append(
+            "> **Measured on CPU.** These numbers compare PyTorch's CPU attention paths on this machine and say "
+            "nothing about GPU performance. Triton has no CPU backend: where our kernel appears, it ran through "
+            "Triton's interpreter (NumPy), which is why it is orders of magnitude slower here and timed only at "
+            "the smallest size. GPU results: see bench/results/NOTES.md.\n"
+        )
+    out.append(
+        f"Times are the {stat} over the timed rounds; warm-up, compilation and autotuning are excluded. "
+        "TFLOP/s use the FlashAttention count (forward 4·B·H·T²·D, halved for causal; forward + backward "
+        "3.5× forward) for every backend, so the reference, which computes the masked half anyway, is "
+        "credited with useful work only. `(x×)` is the speed relative to `sdpa` "
+        "(`F.scaled_dot_product_attention`, default dispatch) on the same problem in the same run: "
+        "> 1 is faster. `—`: not run (skipped: CUDA-only backend, interpreter, out of memory, or filtered).\n"
+    )
     out.append("## Targets\n")
     out.append(targets_section(benchmarks, env, stat))
     attention = attention_tables(benchmarks, stat, caption)
@@ -510,8 +595,11 @@ def write_report(json_paths, out_dir, stat: str = "median") -> list:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment_of(data)
     benchmarks = data["benchmarks"]
-    images = plot_attention(benchmarks, out_dir, env, stat) + plot_memory(benchmarks, out_dir, env) + \
-        plot_training(benchmarks, out_dir, env, stat)
+    images = (
+        plot_attention(benchmarks, out_dir, env, stat)
+        + plot_memory(benchmarks, out_dir, env)
+        + plot_training(benchmarks, out_dir, env, stat)
+    )
     md = out_dir / "report.md"
     md.write_text(render_markdown(data, stat, images))
     return [md] + images
@@ -519,8 +607,12 @@ def write_report(json_paths, out_dir, stat: str = "median") -> list:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON (pytest --benchmark-only --benchmark-json=PATH); "
-                        "several JSONs of one machine are merged into one report")
+    parser.add_argument(
+        "json",
+        nargs="+",
+        help="pytest-benchmark JSON (pytest --benchmark-only --benchmark-json=PATH); "
+        "several JSONs of one machine are merged into one report",
+    )
     parser.add_argument("--out", help="output folder (default: the first JSON's folder)")
     parser.add_argument("--stat", default="median", choices=("median", "min", "mean"), help="time statistic (median)")
     args = parser.parse_args(argv)

@@ -11,32 +11,52 @@ One benchmark group per problem (pass, dtype, head_dim, seqlen), so pytest-bench
 FLOP count (bench.flops), TFLOP/s at the median time and the device. The ratio to sdpa is added
 when the session ends (bench/conftest.py) and tabulated by `python -m bench.report`.
 """
+
 import pytest
 
 import kernels
 from bench import common
-from bench.flops import (CPU_MODEL_DIM, CPU_TOKENS, GPU_MODEL_DIM, GPU_TOKENS, PASSES, AttentionShape,
-                         attention_flops, constant_token_shape, tflops)
+from bench.flops import (
+    CPU_MODEL_DIM,
+    CPU_TOKENS,
+    GPU_MODEL_DIM,
+    GPU_TOKENS,
+    PASSES,
+    AttentionShape,
+    attention_flops,
+    constant_token_shape,
+    tflops,
+)
 
 TOKENS, MODEL_DIM = (GPU_TOKENS, GPU_MODEL_DIM) if common.ON_CUDA else (CPU_TOKENS, CPU_MODEL_DIM)
 TINY_SHAPE = AttentionShape(batch=1, heads=2, seqlen=128, head_dim=64)
 TINY_BACKENDS = kernels.BACKENDS  # ours, next to reference and sdpa on the same problem
 
 
-def bench_attention(benchmark, backend: str, mode: str, dtype: str, shape: AttentionShape, suite: str,
-                    **run_options) -> None:
+def bench_attention(
+    benchmark, backend: str, mode: str, dtype: str, shape: AttentionShape, suite: str, **run_options
+) -> None:
     seqlen, head_dim = shape.seqlen, shape.head_dim
     benchmark.group = f"attention{'' if suite == 'main' else ' ' + suite} {mode} {dtype} d{head_dim} T{seqlen}"
     flops = attention_flops(shape.batch, shape.heads, seqlen, seqlen, head_dim, causal=True, mode=mode)
     benchmark.extra_info.update(
-        kind="attention", suite=suite, backend=backend, mode=mode, causal=True, dtype=dtype, **shape.as_dict(),
-        flops=flops, device=common.DEVICE, device_name=common.environment()["device_name"],
+        kind="attention",
+        suite=suite,
+        backend=backend,
+        mode=mode,
+        causal=True,
+        dtype=dtype,
+        **shape.as_dict(),
+        flops=flops,
+        device=common.DEVICE,
+        device_name=common.environment()["device_name"],
     )
 
     def measure():
         attn = common.attention_fn(backend, seqlen)
-        q, k, v = common.make_qkv(shape.batch, shape.heads, seqlen, head_dim, common.dtype_of(dtype),
-                                  requires_grad=(mode == "fwd_bwd"))
+        q, k, v = common.make_qkv(
+            shape.batch, shape.heads, seqlen, head_dim, common.dtype_of(dtype), requires_grad=(mode == "fwd_bwd")
+        )
         with common.backend_context(backend):
             return common.run_benchmark(benchmark, common.pass_fn(attn, q, k, v, mode), **run_options)
 

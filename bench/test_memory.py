@@ -11,6 +11,7 @@ sdpa's fused kernels and ours keep only O(T) state (output, log-sum-exp, gradien
 
 That our kernel's memory is O(T) is a correctness property, asserted by tests/test_attention_memory.py.
 """
+
 import pytest
 import torch
 
@@ -37,8 +38,11 @@ def _cpu_peak_bytes(fn) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
         del result
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
     events.sort(key=lambda e: e.start_ns())
     current = peak = 0
     for e in events:
@@ -73,14 +77,23 @@ def test_peak_memory(benchmark, seqlen, backend):
     interpreted = backend == "triton" and not common.ON_CUDA
     reason = common.skip_reason(backend, None if interpreted else seqlen)
     if interpreted and seqlen > TRITON_CPU_MEMORY_MAX_LEN:
-        reason = (f"{common.INTERPRETER_REASON}; its memory is measured on CPU only up to seqlen "
-                  f"{TRITON_CPU_MEMORY_MAX_LEN} (a call at 1024 takes about a minute)")
+        reason = (
+            f"{common.INTERPRETER_REASON}; its memory is measured on CPU only up to seqlen "
+            f"{TRITON_CPU_MEMORY_MAX_LEN} (a call at 1024 takes about a minute)"
+        )
     if reason:
         pytest.skip(reason)
     benchmark.group = f"memory fwd_bwd {MEMORY_DTYPE} d{MEMORY_SHAPE['head_dim']} T{seqlen}"
     benchmark.extra_info.update(
-        kind="memory", backend=backend, mode="fwd_bwd", causal=True, dtype=MEMORY_DTYPE, seqlen=seqlen,
-        **MEMORY_SHAPE, device=common.DEVICE, device_name=common.environment()["device_name"],
+        kind="memory",
+        backend=backend,
+        mode="fwd_bwd",
+        causal=True,
+        dtype=MEMORY_DTYPE,
+        seqlen=seqlen,
+        **MEMORY_SHAPE,
+        device=common.DEVICE,
+        device_name=common.environment()["device_name"],
     )
 
     def measure() -> int:
@@ -97,6 +110,11 @@ def test_peak_memory(benchmark, seqlen, backend):
     peak, skip = common.run_unless_expected_failure(measure, backend, f"T={seqlen}")
     if skip is not None:
         pytest.skip(skip)
-    tensor_bytes = MEMORY_SHAPE["batch"] * MEMORY_SHAPE["heads"] * seqlen * MEMORY_SHAPE["head_dim"] \
+    tensor_bytes = (
+        MEMORY_SHAPE["batch"]
+        * MEMORY_SHAPE["heads"]
+        * seqlen
+        * MEMORY_SHAPE["head_dim"]
         * common.dtype_of(MEMORY_DTYPE).itemsize
+    )
     benchmark.extra_info.update(peak_bytes=peak, peak_mib=peak / 2**20, peak_per_qkv_tensor=peak / tensor_bytes)

@@ -2,9 +2,10 @@
 
     GPT_SHAKESPEARE=/path/to/pg100.txt PYTHONPATH=. pytest bench/test_training.py --benchmark-only
 
-Both use gpt.train's own pieces (gpt.step: build_model, configure_optimizer, train_step, evaluate,
-learning_rate) and its settings (gpt.config.TrainConfig), so what is timed is the step `python -m gpt.train` runs. Every backend gets the
-same model (same seed), the same batches and the same schedule. Batches are cut and moved to
+Both use gpt.train's own pieces (gpt.step: build_model, configure_optimizer, train_step,
+evaluate, learning_rate) and its settings (gpt.config.TrainConfig), so what is timed is the step
+`python -m gpt.train` runs. Every backend gets the same model (same seed), the same batches and
+the same schedule. Batches are cut and moved to
 the device before timing: the timed work is the optimizer step itself.
 
 * test_train_throughput: median time of one step after warm-up (first steps, Triton
@@ -18,6 +19,7 @@ Configs: "default" is the default run's model (batch 8 instead of 32 on CPU). On
 "long": a wider model at seqlen 1024, where attention is a larger share of the step.
 CUDA trains under bfloat16 autocast (BENCH_TRAIN_DTYPE to change), CPU in float32.
 """
+
 import dataclasses
 import os
 
@@ -54,7 +56,8 @@ CONFIG_NAMES = ("default", "long") if common.ON_CUDA else ("default",)
 
 def describe(cfg) -> str:
     model = cfg.model
-    return f"{model.n_layer} layers, d_model {model.d_model}, {model.n_head} heads of {model.d_model // model.n_head}, {model.head} head"
+    heads = f"{model.n_head} heads of {model.d_model // model.n_head}"
+    return f"{model.n_layer} layers, d_model {model.d_model}, {heads}, {model.head} head"
 
 
 @pytest.fixture(scope="session")
@@ -79,8 +82,10 @@ class Run:
         model_config = dataclasses.replace(cfg.model, vocab_size=len(vocab), block_size=cfg.seq_len, attn=backend)
         self.model = build_model(model_config, self.device, seed=cfg.seed)
         self.optimizer = configure_optimizer(self.model, cfg.lr, cfg.weight_decay, self.device)
-        self.batches = [tuple(t.to(self.device) for t in data.train_batch(step, cfg.batch_size, cfg.seq_len, cfg.seed))
-                        for step in range(N_BATCHES)]
+        self.batches = [
+            tuple(t.to(self.device) for t in data.train_batch(step, cfg.batch_size, cfg.seq_len, cfg.seed))
+            for step in range(N_BATCHES)
+        ]
         inputs, targets = data.sequences(data.val, cfg.seq_len)
         chosen = torch.linspace(0, len(inputs) - 1, VAL_WINDOWS).round().long()
         self.val = (inputs[chosen], targets[chosen])
@@ -95,8 +100,14 @@ class Run:
 
         cfg = self.cfg
         lr = learning_rate(self.step, cfg.lr, cfg.warmup, MAX_STEPS)
-        loss = train_step(self.model, self.optimizer, [self.batches[self.step % N_BATCHES]], lr=lr,
-                          grad_clip=cfg.grad_clip, amp_dtype=self.amp_dtype)
+        loss = train_step(
+            self.model,
+            self.optimizer,
+            [self.batches[self.step % N_BATCHES]],
+            lr=lr,
+            grad_clip=cfg.grad_clip,
+            amp_dtype=self.amp_dtype,
+        )
         self.step += 1
         return loss
 
@@ -116,9 +127,17 @@ def _skip_unrunnable(backend: str) -> None:
 
 def _record(benchmark, cfg, backend: str, metric: str, name: str) -> None:
     benchmark.extra_info.update(
-        kind="training", metric=metric, backend=backend, config=name, model=describe(cfg), batch_size=cfg.batch_size,
-        seq_len=cfg.seq_len, tokens_per_step=cfg.batch_size * cfg.seq_len, dtype=cfg.dtype,
-        device=common.DEVICE, device_name=common.environment()["device_name"],
+        kind="training",
+        metric=metric,
+        backend=backend,
+        config=name,
+        model=describe(cfg),
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        tokens_per_step=cfg.batch_size * cfg.seq_len,
+        dtype=cfg.dtype,
+        device=common.DEVICE,
+        device_name=common.environment()["device_name"],
     )
 
 
@@ -131,8 +150,9 @@ def test_train_throughput(benchmark, shakespeare, config, backend):
     _record(benchmark, cfg, backend, "throughput", config)
     run = Run(cfg, backend, *shakespeare)
     run.train_one()  # first step: allocations, autotuning; run_benchmark adds one more untimed step
-    median = common.run_benchmark(benchmark, run.train_one, min_rounds=10 if common.ON_CUDA else 5,
-                                  max_rounds=200 if common.ON_CUDA else 10)
+    median = common.run_benchmark(
+        benchmark, run.train_one, min_rounds=10 if common.ON_CUDA else 5, max_rounds=200 if common.ON_CUDA else 10
+    )
     if median is not None:
         benchmark.extra_info["tokens_per_s"] = run.tokens_per_step / median
 
@@ -173,5 +193,7 @@ def test_time_to_loss(benchmark, shakespeare, config, backend):
     benchmark.pedantic(train_to_target, setup=fresh, rounds=3 if common.ON_CUDA else 1, warmup_rounds=0, iterations=1)
     benchmark.extra_info.update(outcome)
     if not outcome.get("reached", True):
-        pytest.fail(f"{backend} did not reach validation loss {TARGET_LOSS} in {MAX_STEPS} steps "
-                    f"(last {outcome['final_val_loss']:.3f}); lower BENCH_TARGET_LOSS or raise MAX_STEPS")
+        pytest.fail(
+            f"{backend} did not reach validation loss {TARGET_LOSS} in {MAX_STEPS} steps "
+            f"(last {outcome['final_val_loss']:.3f}); lower BENCH_TARGET_LOSS or raise MAX_STEPS"
+        )

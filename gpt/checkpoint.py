@@ -19,6 +19,7 @@ A checkpoint is a dict (format 1):
 Only plain Python types and tensors: loading uses torch.load(weights_only=True), which cannot
 run code hidden in a malicious file.
 """
+
 import os
 from pathlib import Path
 
@@ -30,8 +31,19 @@ from .model import GPT, GPTConfig
 from .runfiles import atomic_write
 
 FORMAT = 1
-REQUIRED_KEYS = ("format", "model", "model_config", "vocab", "train_config", "optimizer", "scaler",
-                 "step", "total_steps", "tokens", "elapsed_s")
+REQUIRED_KEYS = (
+    "format",
+    "model",
+    "model_config",
+    "vocab",
+    "train_config",
+    "optimizer",
+    "scaler",
+    "step",
+    "total_steps",
+    "tokens",
+    "elapsed_s",
+)
 # Fault-injection hook for tests: seconds to sleep after the temporary file is complete and
 # before it replaces the checkpoint, so a test can kill the process inside that window.
 SAVE_DELAY_ENV_VAR = "GPT_CKPT_SAVE_DELAY_S"
@@ -74,9 +86,7 @@ def restore_model(state: dict, **overrides) -> tuple[GPT, Vocab]:
         model.load_state_dict(state["model"])
         vocab = Vocab.from_state_dict(state["vocab"])
     except (TypeError, KeyError, RuntimeError) as err:
-        raise CheckpointError(
-            f"the checkpoint does not match this version of the model ({first_line(err)})"
-        ) from None
+        raise CheckpointError(f"the checkpoint does not match this version of the model ({first_line(err)})") from None
     if len(vocab) != config.vocab_size:
         raise CheckpointError(f"the checkpoint's vocabulary has {len(vocab)} tokens but its model {config.vocab_size}")
     return model, vocab

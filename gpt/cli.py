@@ -1,13 +1,14 @@
 """What gpt.train, gpt.sample and gpt.reverse share, so that every program fails the same way:
 
-    parser = ArgumentParser(prog="python -m gpt.sample", ...)   # a bad flag: one line, exit code 2
-    return run_program(lambda: body(args))                      # an expected problem: one line, exit code 2
-    device = pick_device(args.device)
-    backend = resolve_attention(args.attn, device)             # "auto" made concrete; fails if it cannot run
+parser = ArgumentParser(prog="python -m gpt.sample", ...)   # a bad flag: one line, exit code 2
+return run_program(lambda: body(args))                      # an expected problem: one line, exit code 2
+device = pick_device(args.device)
+backend = resolve_attention(args.attn, device)             # "auto" made concrete; fails if it cannot run
 """
+
 import argparse
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

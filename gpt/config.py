@@ -10,6 +10,7 @@ and block_size are no flags: the run sets them from its data's vocabulary and fr
 
     cfg, state = configure(["--steps", "100"])   # (TrainConfig, checkpoint to resume from or None)
 """
+
 import argparse
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
@@ -57,7 +58,9 @@ class TrainConfig:
     ckpt_interval: int = option(500, "steps between checkpoints (one is also saved at the end and on SIGINT/SIGTERM)")
     device: str | None = option(None, "cpu, cuda, cuda:1, ...; default: cuda if available, else cpu", type=str)
     dtype: str = option(
-        "float32", "float32, or autocast to bfloat16 / float16 (float16 with loss scaling, CUDA only)", choices=tuple(DTYPES)
+        "float32",
+        "float32, or autocast to bfloat16 / float16 (float16 with loss scaling, CUDA only)",
+        choices=tuple(DTYPES),
     )
     compile: bool = option(False, "torch.compile the model (slow start, faster steps)")
     # Settings of one invocation, not of the run: a resumed run does not inherit them.
@@ -68,8 +71,18 @@ class TrainConfig:
 
     def validate(self) -> None:
         """The run's own settings; GPTConfig checks the model's when it is made."""
-        for name in ("batch_size", "seq_len", "grad_accum", "steps", "minutes", "lr", "log_interval",
-                     "eval_interval", "ckpt_interval", "stop_at"):
+        for name in (
+            "batch_size",
+            "seq_len",
+            "grad_accum",
+            "steps",
+            "minutes",
+            "lr",
+            "log_interval",
+            "eval_interval",
+            "ckpt_interval",
+            "stop_at",
+        ):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{flag(name)} must be positive, got {getattr(self, name)}")
         for name in ("warmup", "weight_decay", "grad_clip", "eval_windows"):
@@ -116,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     for f in run_options():
         add_flag(parser, f)
     changeable = " and ".join(map(flag, CHANGEABLE_ON_RESUME))
-    model = parser.add_argument_group(f"the model (GPTConfig, gpt/model.py); when resuming only {changeable} may change")
+    model = parser.add_argument_group(
+        f"the model (GPTConfig, gpt/model.py); when resuming only {changeable} may change"
+    )
     for f in model_options():
         add_flag(model, f)
     return parser
@@ -149,8 +164,10 @@ def configure(argv: list[str] | None) -> tuple[TrainConfig, dict | None]:
 
 def refuse_change(name: str, given, stored) -> None:
     if given != stored:
-        raise ValueError(f"{flag(name)} cannot change when resuming (the checkpoint has {stored}); "
-                         "start a new run in another --out instead")
+        raise ValueError(
+            f"{flag(name)} cannot change when resuming (the checkpoint has {stored}); "
+            "start a new run in another --out instead"
+        )
 
 
 def stored_config(state: dict) -> TrainConfig:

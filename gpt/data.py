@@ -1,12 +1,13 @@
 """The Complete Works of Shakespeare as word-level token ids, split and cut into sequences.
 
-    text = load_shakespeare(path)          # body of Project Gutenberg eBook #100
-    tokens = tokenize(text)                # re.split(r"\\b"): words, spaces and punctuation
-    vocab = Vocab.build(tokens)            # ids sorted by frequency: 0 is the most common token
-    data = TokenData.from_text(text, vocab)
-    x, y = data.train_batch(step, batch_size, seq_len, seed)
-    data, vocab = load_data(path)          # all of the above in one call
+text = load_shakespeare(path)          # body of Project Gutenberg eBook #100
+tokens = tokenize(text)                # re.split(r"\\b"): words, spaces and punctuation
+vocab = Vocab.build(tokens)            # ids sorted by frequency: 0 is the most common token
+data = TokenData.from_text(text, vocab)
+x, y = data.train_batch(step, batch_size, seq_len, seed)
+data, vocab = load_data(path)          # all of the above in one call
 """
+
 import os
 import re
 import urllib.error
@@ -52,12 +53,12 @@ def _extract_body(raw: str, source: str) -> str:
     """Keep the text between the Gutenberg START and END marker lines."""
     start = raw.find(_START_MARKER)
     end = raw.find(_END_MARKER)
-    if start < 0 or end < start or _TITLE not in raw[start:raw.find("\n", start)].upper():
+    if start < 0 or end < start or _TITLE not in raw[start : raw.find("\n", start)].upper():
         raise DataError(
             f"{source} is not Project Gutenberg eBook #100 (no '*** START OF ... {_TITLE}' / '*** END OF' lines); "
             "pass --data PATH to the Complete Works of Shakespeare"
         )
-    return raw[raw.index("\n", start) + 1:end]
+    return raw[raw.index("\n", start) + 1 : end]
 
 
 def load_shakespeare(path: str | os.PathLike | None = None) -> str:
@@ -76,9 +77,13 @@ def load_shakespeare(path: str | os.PathLike | None = None) -> str:
     try:
         raw = path.read_bytes().decode("utf-8-sig")  # utf-8-sig strips the byte-order mark
     except FileNotFoundError:
-        raise DataError(f"data file {path} does not exist; pass --data PATH to the Complete Works of Shakespeare") from None
+        raise DataError(
+            f"data file {path} does not exist; pass --data PATH to the Complete Works of Shakespeare"
+        ) from None
     except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read data file {path} as UTF-8 text ({err}); pass --data PATH to a readable copy") from None
+        raise DataError(
+            f"cannot read data file {path} as UTF-8 text ({err}); pass --data PATH to a readable copy"
+        ) from None
     return _extract_body(raw.replace("\r\n", "\n"), str(path))
 
 
@@ -149,12 +154,15 @@ class TokenData:
         chunk = seq_len + 1
         n_seq = (len(ids) - offset) // chunk
         if n_seq < 1:
-            raise ValueError(f"need at least {chunk} tokens for one sequence of --seq-len {seq_len}, got {len(ids) - offset}")
-        chunks = ids[offset: offset + n_seq * chunk].view(n_seq, chunk)
+            raise ValueError(
+                f"need at least {chunk} tokens for one sequence of --seq-len {seq_len}, got {len(ids) - offset}"
+            )
+        chunks = ids[offset : offset + n_seq * chunk].view(n_seq, chunk)
         return chunks[:, :-1], chunks[:, 1:]
 
-    def train_batch(self, step: int, batch_size: int, seq_len: int, seed: int,
-                    rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_batch(
+        self, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch for `step`: a pure function of its arguments, so a resumed run sees the same data.
 
         Each epoch cuts the training split into non-overlapping chunks (see `sequences`) starting
@@ -176,7 +184,7 @@ class TokenData:
         offset = int(torch.randint(0, seq_len + 1, (), generator=generator))
         inputs, targets = self.sequences(self.train[: offset + n_seq * (seq_len + 1)], seq_len, offset)
         order = torch.randperm(n_seq, generator=generator)
-        chosen = order[position * global_batch:(position + 1) * global_batch][rank::world_size]
+        chosen = order[position * global_batch : (position + 1) * global_batch][rank::world_size]
         return inputs[chosen], targets[chosen]
 
 

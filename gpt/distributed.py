@@ -6,6 +6,7 @@ the process group, and DistributedDataParallel averages their gradients at every
 Launched without torchrun, a process is rank 0 of a world of size 1 and nothing here talks to
 another process.
 """
+
 import os
 from dataclasses import dataclass
 

@@ -11,6 +11,7 @@ Reading order, top to bottom:
 Attention itself is one call, `kernels.attention(q, k, v, causal=..., backend=...)`: the
 model never looks at which backend runs it.
 """
+
 import contextlib
 import math
 from dataclasses import dataclass, field
@@ -20,7 +21,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-
 
 POS_EMBEDDINGS = ("learned", "sinusoidal", "none")  # how the model sees positions (PositionalEmbedding)
 HEADS = ("full", "adaptive")  # the output layer: Linear to every word, or nn.AdaptiveLogSoftmaxWithLoss
@@ -46,13 +46,16 @@ class GPTConfig:
     n_head: int = option(4, "attention heads per block; must divide d_model")
     d_model: int = option(128, "width of the residual stream (embedding size)")
     dropout: float = option(0.1, "dropout probability inside the model (regularizes the later epochs of a CPU run)")
-    attn: str = option("auto", "attention backend; auto: triton on CUDA, reference elsewhere",
-                       choices=kernels.BACKEND_CHOICES)
+    attn: str = option(
+        "auto", "attention backend; auto: triton on CUDA, reference elsewhere", choices=kernels.BACKEND_CHOICES
+    )
     pos_embedding: str = option("learned", "how the model sees positions", choices=POS_EMBEDDINGS)
-    head: str = option("adaptive", "output layer: full softmax, or adaptive softmax (cheaper for rare words)",
-                       choices=HEADS)
-    adaptive_cutoffs: list[int] = option([2_000, 10_000], "word ids (sorted by frequency) where the adaptive "
-                                         "head's clusters start", nargs="+", type=int)
+    head: str = option(
+        "adaptive", "output layer: full softmax, or adaptive softmax (cheaper for rare words)", choices=HEADS
+    )
+    adaptive_cutoffs: list[int] = option(
+        [2_000, 10_000], "word ids (sorted by frequency) where the adaptive head's clusters start", nargs="+", type=int
+    )
     tie_embeddings: bool = option(False, "share the token embedding with the output layer (needs head full)")
     # Switches for experiments (docs/first_principles.md); the defaults are the standard transformer.
     causal: bool = option(True, "the causal mask; off, positions see the future (a debugging control)")
@@ -74,9 +77,14 @@ class GPTConfig:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.head == "adaptive" and self.tie_embeddings:
             raise ValueError("tie_embeddings needs head='full': the adaptive head has no (vocab, d_model) matrix")
-        if self.head == "adaptive" and not 0 < min(self.adaptive_cutoffs) <= max(self.adaptive_cutoffs) < self.vocab_size:
-            raise ValueError(f"adaptive_cutoffs {self.adaptive_cutoffs} must lie inside (0, vocab_size={self.vocab_size}); "
-                             "for a vocabulary this small use head='full' (--head full)")
+        if (
+            self.head == "adaptive"
+            and not 0 < min(self.adaptive_cutoffs) <= max(self.adaptive_cutoffs) < self.vocab_size
+        ):
+            raise ValueError(
+                f"adaptive_cutoffs {self.adaptive_cutoffs} must lie inside (0, vocab_size={self.vocab_size}); "
+                "for a vocabulary this small use head='full' (--head full)"
+            )
         kernels.resolve_backend(self.attn, "cpu")  # fail early on an unknown backend name
 
 
@@ -287,8 +295,15 @@ class GPT(nn.Module):
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, use_cache: bool = True, generator: torch.Generator | None = None):
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ):
         """Append max_new_tokens sampled tokens to idx (B, T); returns (B, T + max_new_tokens).
 
         With the cache, each step feeds only the newest token. When the context fills
@@ -300,10 +315,10 @@ class GPT(nn.Module):
         cache = None
         for _ in range(max_new_tokens):
             if not use_cache:
-                hidden = self.hidden_states(idx[:, -self.config.block_size:])
+                hidden = self.hidden_states(idx[:, -self.config.block_size :])
             elif cache is None or cache.length >= self.config.block_size:
                 cache = KVCache(self.config.n_layer)
-                hidden = self.hidden_states(idx[:, -self.config.block_size:], cache)
+                hidden = self.hidden_states(idx[:, -self.config.block_size :], cache)
             else:
                 hidden = self.hidden_states(idx[:, -1:], cache)
             logits = self.logits(hidden[:, -1, :]).float() / temperature  # (B, vocab)

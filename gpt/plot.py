@@ -1,4 +1,5 @@
 """loss.png: training and validation loss against training tokens, from metrics.jsonl records."""
+
 import os
 
 from .runfiles import atomic_write

@@ -19,13 +19,14 @@ t, and scores ~100% on the first half as well: it cheats, and the mask is what p
 
     python -m gpt.reverse --attn reference --out runs/reverse     # or: gpt-reverse --out runs/reverse
 """
+
 import json
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -68,9 +69,18 @@ class ReverseSettings:
 
     def model_config(self) -> GPTConfig:
         """A small GPT sized for the task: 2 blocks, 2 heads of 32 dimensions, no dropout, a full head."""
-        return GPTConfig(vocab_size=VOCAB_SIZE, block_size=2 * self.n_digits, n_layer=2, n_head=2, d_model=64,
-                         dropout=0.0, attn=self.attn, pos_embedding=self.pos_embedding, head="full",
-                         causal=self.causal)
+        return GPTConfig(
+            vocab_size=VOCAB_SIZE,
+            block_size=2 * self.n_digits,
+            n_layer=2,
+            n_head=2,
+            d_model=64,
+            dropout=0.0,
+            attn=self.attn,
+            pos_embedding=self.pos_embedding,
+            head="full",
+            causal=self.causal,
+        )
 
 
 def random_digits(n_sequences: int, n_digits: int, generator: torch.Generator) -> torch.Tensor:
@@ -86,8 +96,11 @@ def reversal_examples(digits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def target_groups(n_digits: int) -> dict[str, slice]:
     """Which target positions (0..2n-1) are the first half, the separator and the second half."""
-    return {"first_half": slice(0, n_digits - 1), "separator": slice(n_digits - 1, n_digits),
-            "second_half": slice(n_digits, 2 * n_digits)}
+    return {
+        "first_half": slice(0, n_digits - 1),
+        "separator": slice(n_digits - 1, n_digits),
+        "second_half": slice(n_digits, 2 * n_digits),
+    }
 
 
 def held_out_digits(n_digits: int) -> torch.Tensor:
@@ -113,8 +126,13 @@ def training_batches(settings: ReverseSettings) -> Iterator[tuple[torch.Tensor, 
         yield inputs.to(settings.device), targets.to(settings.device)
 
 
-def train_model(model: GPT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, lr: float,
-          after_backward: Callable[[int, GPT], None] | None = None) -> list[float]:
+def train_model(
+    model: GPT,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    lr: float,
+    after_backward: Callable[[int, GPT], None] | None = None,
+) -> list[float]:
     """AdamW on next-token loss for `steps` batches; returns the loss of every step.
 
     after_backward(step, model) runs once the gradients exist, before the update (to record them).
@@ -173,8 +191,11 @@ def build_parser() -> ArgumentParser:
     defaults = ReverseSettings()
     parser.add_argument("--out", required=True, help="directory for reverse.json")
     parser.add_argument("--attn", choices=kernels.BACKEND_CHOICES, default=defaults.attn, help="attention backend")
-    parser.add_argument("--no-mask", action="store_true",
-                        help="debugging control: remove the causal mask so positions see the future (cheats)")
+    parser.add_argument(
+        "--no-mask",
+        action="store_true",
+        help="debugging control: remove the causal mask so positions see the future (cheats)",
+    )
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--n-digits", type=int, default=defaults.n_digits)
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -187,9 +208,17 @@ def build_parser() -> ArgumentParser:
 
 def settings_from_flags(args) -> tuple[ReverseSettings, Path]:
     """Parsed flags -> (settings, output directory); a bad value raises a one-line ValueError."""
-    settings = ReverseSettings(n_digits=args.n_digits, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                               seed=args.seed, attn=args.attn, pos_embedding=args.pos_embedding,
-                               causal=not args.no_mask, device=args.device)
+    settings = ReverseSettings(
+        n_digits=args.n_digits,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        attn=args.attn,
+        pos_embedding=args.pos_embedding,
+        causal=not args.no_mask,
+        device=args.device,
+    )
     settings.validate()
     device = pick_device(settings.device)
     # Triton loads on first use: fail here, in one line, not mid-training.
@@ -218,8 +247,13 @@ def train_and_report(settings: ReverseSettings, out: Path) -> int:
     print(f"second half (predicting the reversed digits) {results['second_half_accuracy']:.3f}")
 
     out.mkdir(parents=True, exist_ok=True)
-    record = {**results, "position_labels": position_labels(settings.n_digits), "final_loss": losses[-1],
-              "train_seconds": round(seconds, 1), "settings": asdict(settings)}
+    record = {
+        **results,
+        "position_labels": position_labels(settings.n_digits),
+        "final_loss": losses[-1],
+        "train_seconds": round(seconds, 1),
+        "settings": asdict(settings),
+    }
     path = out / "reverse.json"
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {path}")

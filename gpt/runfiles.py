@@ -7,6 +7,7 @@
 Every file is written so that a crash at any moment leaves a readable one. StopRequest turns
 SIGINT (Ctrl-C) and SIGTERM into "save a checkpoint after this step and exit".
 """
+
 import json
 import os
 import signal

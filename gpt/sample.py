@@ -8,6 +8,7 @@ values) end with one line on stderr and exit code 2.
 
 gpt.train also uses `complete(model, vocab, "ROMEO.", tokens=200)` for the sample at the end of a run.
 """
+
 import argparse
 import sys
 
@@ -21,8 +22,16 @@ from .data import Vocab, tokenize
 from .model import GPT
 
 
-def complete(model: GPT, vocab: Vocab, prompt: str, tokens: int, temperature: float = 0.8, top_k: int | None = 200,
-             seed: int = 1337, device: torch.device | str = "cpu") -> str:
+def complete(
+    model: GPT,
+    vocab: Vocab,
+    prompt: str,
+    tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    seed: int = 1337,
+    device: torch.device | str = "cpu",
+) -> str:
     """The prompt followed by `tokens` sampled tokens, as text. The same seed gives the same text."""
     ids = vocab.encode(tokenize(prompt))
     if not ids:
@@ -31,22 +40,40 @@ def complete(model: GPT, vocab: Vocab, prompt: str, tokens: int, temperature: fl
         raise ValueError(f"--tokens must not be negative, got {tokens}")
     model.eval()  # no dropout while sampling
     generator = torch.Generator(device).manual_seed(seed)
-    out = model.generate(torch.tensor([ids], device=device), tokens, temperature=temperature, top_k=top_k,
-                         generator=generator)
+    out = model.generate(
+        torch.tensor([ids], device=device), tokens, temperature=temperature, top_k=top_k, generator=generator
+    )
     return vocab.decode(out[0].tolist())
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m gpt.sample", description="Sample text from a trained checkpoint.")
     parser.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint written by gpt.train (default: out/ckpt.pt)")
-    parser.add_argument("--prompt", default="ROMEO.", help="text to continue; words must be in the vocabulary (default: ROMEO.)")
-    parser.add_argument("--tokens", type=int, default=200, help="tokens to generate; words, spaces and punctuation each count (default: 200)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="below 1: safer, more repetitive; above 1: wilder (default: 0.8)")
-    parser.add_argument("--top-k", type=int, default=200, help="sample only among the k likeliest tokens; 0: all (default: 200)")
-    parser.add_argument("--seed", type=int, default=1337, help="random seed; the same seed gives the same text (default: 1337)")
+    parser.add_argument(
+        "--prompt", default="ROMEO.", help="text to continue; words must be in the vocabulary (default: ROMEO.)"
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=200,
+        help="tokens to generate; words, spaces and punctuation each count (default: 200)",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.8, help="below 1: safer, more repetitive; above 1: wilder (default: 0.8)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=200, help="sample only among the k likeliest tokens; 0: all (default: 200)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=1337, help="random seed; the same seed gives the same text (default: 1337)"
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available, else cpu)")
-    parser.add_argument("--attn", default="auto", choices=kernels.BACKEND_CHOICES,
-                        help="attention backend; auto: triton on CUDA, reference elsewhere (default: auto)")
+    parser.add_argument(
+        "--attn",
+        default="auto",
+        choices=kernels.BACKEND_CHOICES,
+        help="attention backend; auto: triton on CUDA, reference elsewhere (default: auto)",
+    )
     return parser
 
 
@@ -54,8 +81,11 @@ def sample_from_checkpoint(args: argparse.Namespace) -> int:
     state = load_checkpoint(args.ckpt)
     device = pick_device(args.device)
     model, vocab = restore_model(state, attn=resolve_attention(args.attn, device))
-    print(complete(model.to(device), vocab, args.prompt, args.tokens, args.temperature, args.top_k or None,
-                   args.seed, device))
+    print(
+        complete(
+            model.to(device), vocab, args.prompt, args.tokens, args.temperature, args.top_k or None, args.seed, device
+        )
+    )
     return 0
 
 

@@ -7,6 +7,7 @@
 
 gpt/train.py runs them in a loop; bench/test_training.py times them.
 """
+
 import contextlib
 import math
 
@@ -25,7 +26,9 @@ def build_model(config: GPTConfig, device: torch.device | str, seed: int) -> GPT
     return GPT(config).to(device)
 
 
-def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device | str) -> torch.optim.AdamW:
+def configure_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, device: torch.device | str
+) -> torch.optim.AdamW:
     """AdamW that decays only the weight matrices of Linear layers.
 
     Decay pulls weights towards zero; that regularizes the matrices that mix features, but on a
@@ -36,8 +39,10 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     matrices = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
     params = list(model.parameters())  # each shared parameter once
-    groups = [{"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay},
-              {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=torch.device(device).type == "cuda")
 
 
@@ -49,9 +54,16 @@ def learning_rate(step: int, peak: float, warmup: int, total_steps: int) -> floa
     return peak * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-               *, lr: float, grad_clip: float = 0.0, amp_dtype: torch.dtype | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    lr: float,
+    grad_clip: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> torch.Tensor:
     """One optimizer step over micro_batches [(x, y), ...], each (B, T) token ids on the model's device.
 
     Each micro-batch's loss is divided by their number, so the summed gradients are those of the
@@ -83,8 +95,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int,
-             amp_dtype: torch.dtype | None = None) -> float:
+def evaluate(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, amp_dtype: torch.dtype | None = None
+) -> float:
     """Mean cross-entropy over the (n, T) windows. All windows have T tokens, so the mean over
     windows is the mean over tokens; the last, shorter batch is weighted by its size."""
     device = next(model.parameters()).device
@@ -92,7 +105,10 @@ def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batc
     model.eval()
     total = torch.zeros((), device=device)
     for start in range(0, len(inputs), batch_size):
-        x, y = to_device(inputs[start:start + batch_size], device), to_device(targets[start:start + batch_size], device)
+        x, y = (
+            to_device(inputs[start : start + batch_size], device),
+            to_device(targets[start : start + batch_size], device),
+        )
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             _, loss = model(x, y)
         total += loss.float() * len(x)

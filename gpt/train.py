@@ -16,6 +16,7 @@ gpt/step.py (one training step, one evaluation), gpt/config.py (the settings and
 gpt/distributed.py (processes), gpt/runfiles.py (the files in --out), gpt/checkpoint.py.
 From Python, a whole run is `train(TrainConfig(steps=100))`.
 """
+
 import copy
 import math
 import signal
@@ -50,8 +51,7 @@ class Trainer:
     continues one from its checkpoint. Then fit() trains, evaluating, logging and saving on the way.
     """
 
-    def __init__(self, cfg: TrainConfig, world: World, device: torch.device, model: GPT, data: TokenData,
-                 vocab: Vocab):
+    def __init__(self, cfg: TrainConfig, world: World, device: torch.device, model: GPT, data: TokenData, vocab: Vocab):
         """What a fresh and a resumed run share: everything built around the model, at step 0."""
         if cfg.seq_len > model.config.block_size:
             raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's block_size {model.config.block_size}")
@@ -101,18 +101,28 @@ class Trainer:
         and here each process's share is cut into grad_accum micro-batches.
         """
         cfg = self.cfg
-        x, y = self.data.train_batch(step, cfg.batch_size * cfg.grad_accum, cfg.seq_len, cfg.seed,
-                                     self.world.rank, self.world.size)
-        return [(to_device(xb, self.device), to_device(yb, self.device))
-                for xb, yb in zip(x.split(cfg.batch_size), y.split(cfg.batch_size))]
+        x, y = self.data.train_batch(
+            step, cfg.batch_size * cfg.grad_accum, cfg.seq_len, cfg.seed, self.world.rank, self.world.size
+        )
+        return [
+            (to_device(xb, self.device), to_device(yb, self.device))
+            for xb, yb in zip(x.split(cfg.batch_size), y.split(cfg.batch_size))
+        ]
 
     def train_one(self, step: int, total_steps: int) -> torch.Tensor:
         # Dropout draws from the global RNG: seeding it from (seed, step, rank) makes every step
         # reproducible on its own, so a resumed run needs no RNG state from the checkpoint.
         torch.manual_seed(hash((self.cfg.seed, step, self.world.rank)) & 0x7FFF_FFFF_FFFF_FFFF)
         lr = learning_rate(step, self.cfg.lr, self.cfg.warmup, total_steps)
-        return train_step(self.trained, self.optimizer, self.batches(step), lr=lr, grad_clip=self.cfg.grad_clip,
-                          amp_dtype=self.amp_dtype, scaler=self.scaler)
+        return train_step(
+            self.trained,
+            self.optimizer,
+            self.batches(step),
+            lr=lr,
+            grad_clip=self.cfg.grad_clip,
+            amp_dtype=self.amp_dtype,
+            scaler=self.scaler,
+        )
 
     def validation_loss(self, windows: int = 0) -> float:
         """Validation loss over `windows` windows spread evenly over the split (0: all of it)."""
@@ -152,8 +162,10 @@ class Trainer:
         budget_s = minutes * 60 - (time.perf_counter() - started)
         steps = max(1, int(budget_s / (step_s + eval_s / self.cfg.eval_interval)))
         if self.world.is_main:
-            print(f"timing: {step_s * 1e3:.1f} ms per step, {eval_s:.2f} s per evaluation "
-                  f"-> {steps:,} steps fit in {minutes:g} minutes")
+            print(
+                f"timing: {step_s * 1e3:.1f} ms per step, {eval_s:.2f} s per evaluation "
+                f"-> {steps:,} steps fit in {minutes:g} minutes"
+            )
         return self.world.broadcast(steps, self.device)  # every process must run the same schedule
 
     def synchronize(self) -> None:
@@ -166,16 +178,33 @@ class Trainer:
         return self.elapsed_before + time.perf_counter() - self.started
 
     def checkpoint_state(self) -> dict:
-        return {"format": FORMAT, "model": self.model.state_dict(), "model_config": asdict(self.model.config),
-                "vocab": self.vocab.state_dict(), "train_config": asdict(self.cfg),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
-                "total_steps": self.total_steps, "tokens": self.tokens, "elapsed_s": self.elapsed()}
+        return {
+            "format": FORMAT,
+            "model": self.model.state_dict(),
+            "model_config": asdict(self.model.config),
+            "vocab": self.vocab.state_dict(),
+            "train_config": asdict(self.cfg),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "tokens": self.tokens,
+            "elapsed_s": self.elapsed(),
+        }
 
     def record(self, train_loss: float | None, val_loss: float | None, tokens_per_s: float | None) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "train_loss": train_loss, "val_loss": val_loss,
-                "val_ppl": None if val_loss is None else math.exp(val_loss), "tokens_per_s": tokens_per_s,
-                "lr": None if self.step == 0 else learning_rate(self.step - 1, self.cfg.lr, self.cfg.warmup, self.total_steps),
-                "elapsed_s": round(self.elapsed(), 3)}
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_ppl": None if val_loss is None else math.exp(val_loss),
+            "tokens_per_s": tokens_per_s,
+            "lr": None
+            if self.step == 0
+            else learning_rate(self.step - 1, self.cfg.lr, self.cfg.warmup, self.total_steps),
+            "elapsed_s": round(self.elapsed(), 3),
+        }
 
     def fit(self, stop: StopRequest, out: Path) -> int:
         """Train up to total_steps (or --stop-at); returns the exit code (0, or 128 + signal)."""
@@ -192,7 +221,9 @@ class Trainer:
             self.step += 1
             self.tokens += self.tokens_per_step
             progress.update()
-            is_log = self.step % cfg.log_interval == 0 or self.step % cfg.eval_interval == 0 or self.step == self.total_steps
+            is_log = (
+                self.step % cfg.log_interval == 0 or self.step % cfg.eval_interval == 0 or self.step == self.total_steps
+            )
             if is_log:  # the only place the loop waits for the device
                 val_loss = self.log(loss, window, metrics, progress, out)
             # One process checks the signal flag every step; many agree at log steps only, since
@@ -210,11 +241,14 @@ class Trainer:
                 cause = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
                 print(f"stopped by {cause} after step {self.step}; checkpoint saved, continue with --resume")
             elif self.step == self.total_steps:
-                self.report(val_loss if val_loss is not None else self.validation_loss())  # None: it had already finished
+                self.report(
+                    val_loss if val_loss is not None else self.validation_loss()
+                )  # None: it had already finished
         return stop.exit_code if stopped else 0
 
-    def log(self, loss: torch.Tensor, window: tuple[float, int], metrics: MetricsLog | None, progress: tqdm,
-            out: Path) -> float | None:
+    def log(
+        self, loss: torch.Tensor, window: tuple[float, int], metrics: MetricsLog | None, progress: tqdm, out: Path
+    ) -> float | None:
         """Average the step's loss over the processes; on rank 0 evaluate when due (the whole
         validation split at the last step), write the metrics line and update the plot.
         Returns the validation loss, or None when there was no evaluation."""
@@ -229,15 +263,19 @@ class Trainer:
         metrics.append(self.record(train_loss, val_loss, tokens_per_s))
         progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if val_loss is not None:
-            progress.write(f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
-                           f"val perplexity {math.exp(val_loss):.2f}")
+            progress.write(
+                f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                f"val perplexity {math.exp(val_loss):.2f}"
+            )
             plot_losses(metrics.records, out / PLOT_NAME)
         return val_loss
 
     def report(self, val_loss: float) -> None:
         """The final result, the baselines, and a sample of the model's writing."""
-        print(f"val loss {val_loss:.4f}, val perplexity {math.exp(val_loss):.2f} "
-              f"(all {len(self.val_inputs):,} validation windows of {self.cfg.seq_len} tokens)")
+        print(
+            f"val loss {val_loss:.4f}, val perplexity {math.exp(val_loss):.2f} "
+            f"(all {len(self.val_inputs):,} validation windows of {self.cfg.seq_len} tokens)"
+        )
         print("baselines, val perplexity: " + ", ".join(f"{name} {ppl:g}" for name, ppl in BASELINES))
         prompt = self.vocab.decode(self.data.val[:16])
         print("sample, prompted with the first 16 validation tokens:")
@@ -245,11 +283,14 @@ class Trainer:
 
     def describe(self) -> str:
         cfg, config = self.cfg, self.model.config
-        return (f"model: {self.model.num_parameters():,} parameters (n_layer {config.n_layer}, n_head {config.n_head}, "
-                f"d_model {config.d_model}, {config.head} head, attention {config.attn}); "
-                f"data: {len(self.data.train):,} train / {len(self.data.val):,} val tokens, vocabulary {len(self.vocab):,}\n"
-                f"device {self.device}, {cfg.dtype}{', compiled' if cfg.compile else ''}; {self.world.size} process(es); "
-                f"global batch {cfg.batch_size} x {cfg.grad_accum} x {self.world.size} sequences of {cfg.seq_len} tokens")
+        return (
+            f"model: {self.model.num_parameters():,} parameters (n_layer {config.n_layer}, n_head {config.n_head}, "
+            f"d_model {config.d_model}, {config.head} head, attention {config.attn}); "
+            f"data: {len(self.data.train):,} train / {len(self.data.val):,} val tokens, "
+            f"vocabulary {len(self.vocab):,}\n"
+            f"device {self.device}, {cfg.dtype}{', compiled' if cfg.compile else ''}; {self.world.size} process(es); "
+            f"global batch {cfg.batch_size} x {cfg.grad_accum} x {self.world.size} sequences of {cfg.seq_len} tokens"
+        )
 
 
 def train(cfg: TrainConfig, state: dict | None = None) -> int:

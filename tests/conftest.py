@@ -1,9 +1,9 @@
 """Fixtures shared by the test modules (helper functions live in tests/helpers.py)."""
+
 from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import write_corpus
 
 

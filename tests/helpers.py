@@ -1,5 +1,6 @@
 """Helpers shared by the training, sampling and distributed tests: a synthetic corpus, the flags
 of a tiny run, and running `python -m ...` in a subprocess."""
+
 import json
 import os
 import random
@@ -13,38 +14,87 @@ import pytest
 from gpt.data import DATA_ENV_VAR
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = ("the king queen lord my good sir and of to love thou art thy heart death night day "
-         "shall not be what is come go speak").split()
+WORDS = (
+    "the king queen lord my good sir and of to love thou art thy heart death night day "
+    "shall not be what is come go speak"
+).split()
 
 
 def write_corpus(path: Path, n_lines: int = 3000, seed: int = 0) -> Path:
     """A fake Project Gutenberg file: random sentences between the START and END marker lines."""
     rng = random.Random(seed)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))).capitalize() + rng.choice(".,!?")
-             for _ in range(n_lines)]
-    path.write_text("The Project Gutenberg eBook\n"
-                    "*** START OF THE PROJECT GUTENBERG EBOOK THE COMPLETE WORKS OF WILLIAM SHAKESPEARE ***\n"
-                    + "\n".join(lines) + "\n*** END OF THE PROJECT GUTENBERG EBOOK ***\n", encoding="utf-8")
+    lines = [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))).capitalize() + rng.choice(".,!?")
+        for _ in range(n_lines)
+    ]
+    path.write_text(
+        "The Project Gutenberg eBook\n"
+        "*** START OF THE PROJECT GUTENBERG EBOOK THE COMPLETE WORKS OF WILLIAM SHAKESPEARE ***\n"
+        + "\n".join(lines)
+        + "\n*** END OF THE PROJECT GUTENBERG EBOOK ***\n",
+        encoding="utf-8",
+    )
     return path
 
 
 def tiny_args(corpus: Path, out: Path, *extra: str) -> list[str]:
     """Flags of a tiny run (~20k parameters, milliseconds per step) on the synthetic corpus."""
-    return ["--data", str(corpus), "--out", str(out), "--device", "cpu", "--head", "full", "--n-layer", "1",
-            "--n-head", "2", "--d-model", "32", "--seq-len", "16", "--batch-size", "8", "--warmup", "2",
-            "--log-interval", "2", "--eval-interval", "4", "--eval-windows", "16", "--ckpt-interval", "4", *extra]
+    return [
+        "--data",
+        str(corpus),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--head",
+        "full",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--d-model",
+        "32",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "8",
+        "--warmup",
+        "2",
+        "--log-interval",
+        "2",
+        "--eval-interval",
+        "4",
+        "--eval-windows",
+        "16",
+        "--ckpt-interval",
+        "4",
+        *extra,
+    ]
 
 
-def run_module(module: str, args: list[str], env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_module(
+    module: str, args: list[str], env: dict | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """`python -m module args` from the repository root, on one CPU thread (the machine may be shared)."""
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def start_module(module: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def wait_for(condition, timeout: float = 60, what: str = "condition") -> None:
@@ -75,5 +125,4 @@ def shakespeare_path() -> Path:
     for candidate in (os.environ.get(DATA_ENV_VAR), REPO.parent / "shared" / "data" / "shakespeare.txt"):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
-    pytest.fail(f"the Complete Works are needed: set {DATA_ENV_VAR}=/path/to/pg100.txt "
-                "(Project Gutenberg eBook #100)")
+    pytest.fail(f"the Complete Works are needed: set {DATA_ENV_VAR}=/path/to/pg100.txt (Project Gutenberg eBook #100)")

@@ -4,6 +4,7 @@ CUDA only: peak memory is read from torch.cuda's allocator statistics. Interpret
 kernel's tiles live in NumPy arrays that no torch statistic sees (bench/test_memory.py measures
 what it allocates through torch there).
 """
+
 import pytest
 import torch
 
@@ -17,8 +18,9 @@ def peak_bytes_of_forward_backward(backend: str, seqlen: int) -> int:
     """Peak memory of one causal forward + backward beyond its inputs (q, k, v, dout), after a warm-up
     call (autotuning and lazy workspaces are not part of the steady-state peak)."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, dout = (torch.randn(BATCH, HEADS, seqlen, HEAD_DIM, device="cuda", dtype=torch.float16, generator=g)
-                     for _ in range(4))
+    q, k, v, dout = (
+        torch.randn(BATCH, HEADS, seqlen, HEAD_DIM, device="cuda", dtype=torch.float16, generator=g) for _ in range(4)
+    )
     q, k, v = (t.requires_grad_() for t in (q, k, v))
 
     def forward_backward():

@@ -1,5 +1,6 @@
 """bench.flops and bench.report on a small synthetic pytest-benchmark JSON; and that a plain
 pytest run skips the benchmark suites. No benchmark runs here."""
+
 import json
 import os
 import subprocess
@@ -13,8 +14,15 @@ from bench import report
 from bench.flops import attention_flops, constant_token_shape, tflops
 
 REPO = Path(__file__).resolve().parents[1]
-CPU_ENV = {"device": "cpu", "device_name": "Test CPU 9000", "torch": "2.13.0+cpu", "triton": "3.9.0",
-           "cuda": None, "cudnn": None, "date": "2026-01-02T03:04:05+00:00"}
+CPU_ENV = {
+    "device": "cpu",
+    "device_name": "Test CPU 9000",
+    "torch": "2.13.0+cpu",
+    "triton": "3.9.0",
+    "cuda": None,
+    "cudnn": None,
+    "date": "2026-01-02T03:04:05+00:00",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,10 +68,24 @@ def test_tflops():
 
 
 def _bench(group, median, **extra):
-    return {"group": group, "name": f"test[{group}-{extra.get('backend')}]", "fullname": "x", "params": {},
-            "param": None, "extra_info": extra, "options": {},
-            "stats": {"min": median * 0.9, "max": median * 1.2, "mean": median, "median": median,
-                      "stddev": 0.0, "rounds": 5, "iterations": 1}}
+    return {
+        "group": group,
+        "name": f"test[{group}-{extra.get('backend')}]",
+        "fullname": "x",
+        "params": {},
+        "param": None,
+        "extra_info": extra,
+        "options": {},
+        "stats": {
+            "min": median * 0.9,
+            "max": median * 1.2,
+            "mean": median,
+            "median": median,
+            "stddev": 0.0,
+            "rounds": 5,
+            "iterations": 1,
+        },
+    }
 
 
 def synthetic(device_env=CPU_ENV, dtype="float32", seqlens=(128, 256), backends=("reference", "sdpa", "triton")):
@@ -78,22 +100,68 @@ def synthetic(device_env=CPU_ENV, dtype="float32", seqlens=(128, 256), backends=
                 flops = attention_flops(shape.batch, shape.heads, seqlen, seqlen, head_dim, mode=mode)
                 group = f"attention {mode} {dtype} d{head_dim} T{seqlen}"
                 for backend in backends:
-                    benchmarks.append(_bench(group, 1e-3 / speed[backend], kind="attention", suite="main",
-                                             backend=backend, mode=mode, causal=True, dtype=dtype,
-                                             flops=flops, **shape.as_dict()))
+                    benchmarks.append(
+                        _bench(
+                            group,
+                            1e-3 / speed[backend],
+                            kind="attention",
+                            suite="main",
+                            backend=backend,
+                            mode=mode,
+                            causal=True,
+                            dtype=dtype,
+                            flops=flops,
+                            **shape.as_dict(),
+                        )
+                    )
     for seqlen in seqlens:
         for backend, per_t in (("reference", 4e-5), ("sdpa", 1e-3), ("triton", 5e-4)):
             peak = int(per_t * seqlen * (seqlen if backend == "reference" else 1) * 2**20 / 128)
-            benchmarks.append(_bench(f"memory T{seqlen}", 1e-3, kind="memory", backend=backend, mode="fwd_bwd",
-                                     dtype=dtype, seqlen=seqlen, batch=1, heads=4, head_dim=64, peak_bytes=peak))
+            benchmarks.append(
+                _bench(
+                    f"memory T{seqlen}",
+                    1e-3,
+                    kind="memory",
+                    backend=backend,
+                    mode="fwd_bwd",
+                    dtype=dtype,
+                    seqlen=seqlen,
+                    batch=1,
+                    heads=4,
+                    head_dim=64,
+                    peak_bytes=peak,
+                )
+            )
     for backend, step_s in (("reference", 0.2), ("sdpa", 0.1), ("triton", 0.08)):
-        common = dict(kind="training", backend=backend, config="default", model="4 layers", batch_size=8,
-                      seq_len=64, tokens_per_step=512, dtype=dtype)
+        common = dict(
+            kind="training",
+            backend=backend,
+            config="default",
+            model="4 layers",
+            batch_size=8,
+            seq_len=64,
+            tokens_per_step=512,
+            dtype=dtype,
+        )
         benchmarks.append(_bench("training throughput default", step_s, metric="throughput", **common))
-        benchmarks.append(_bench("training time-to-loss default", step_s * 10, metric="time_to_loss",
-                                 target_loss=7.5, steps=10, reached=True, **common))
-    return {"machine_info": {"bench_env": {k: v for k, v in device_env.items() if k != "date"}},
-            "bench_env": device_env, "benchmarks": benchmarks, "datetime": device_env["date"], "version": "5.3.1"}
+        benchmarks.append(
+            _bench(
+                "training time-to-loss default",
+                step_s * 10,
+                metric="time_to_loss",
+                target_loss=7.5,
+                steps=10,
+                reached=True,
+                **common,
+            )
+        )
+    return {
+        "machine_info": {"bench_env": {k: v for k, v in device_env.items() if k != "date"}},
+        "bench_env": device_env,
+        "benchmarks": benchmarks,
+        "datetime": device_env["date"],
+        "version": "5.3.1",
+    }
 
 
 def test_annotate_ratios_uses_sdpa_of_the_same_group():
@@ -105,8 +173,11 @@ def test_annotate_ratios_uses_sdpa_of_the_same_group():
             assert "speedup_vs_sdpa" not in i
         elif i["kind"] == "attention":
             assert i["speedup_vs_sdpa"] == pytest.approx({"reference": 0.25, "sdpa": 1.0, "triton": 2.0}[i["backend"]])
-    triton_training = [b for b in data["benchmarks"] if b["extra_info"]["kind"] == "training"
-                       and b["extra_info"]["backend"] == "triton"]
+    triton_training = [
+        b
+        for b in data["benchmarks"]
+        if b["extra_info"]["kind"] == "training" and b["extra_info"]["backend"] == "triton"
+    ]
     assert all(b["extra_info"]["speedup_vs_sdpa"] == pytest.approx(1.25) for b in triton_training)
 
 
@@ -115,7 +186,10 @@ def test_attention_table_rows_columns_and_ratios():
     text = report.attention_tables(data["benchmarks"], caption="CAPTION")
     assert "#### Causal attention, forward, float32" in text
     assert "#### Causal attention, forward + backward, float32" in text
-    assert "| seqlen | head dim | batch × heads | reference TFLOP/s (× sdpa) | sdpa TFLOP/s | triton TFLOP/s (× sdpa) |" in text
+    assert (
+        "| seqlen | head dim | batch × heads | reference TFLOP/s (× sdpa) | sdpa TFLOP/s | triton TFLOP/s (× sdpa) |"
+        in text
+    )
     # fwd, T=128, d=64: batch 16, heads 4; 4*16*4*128*128*64/2 FLOP in 1 ms (sdpa), 0.5 ms (triton)
     flops = 4 * 16 * 4 * 128 * 128 * 64 / 2
     row = next(line for line in text.splitlines() if line.startswith("| 128 | 64 | 16 × 4 |"))
@@ -127,8 +201,11 @@ def test_attention_table_rows_columns_and_ratios():
 
 def test_missing_backend_shows_a_dash():
     data = synthetic()
-    data["benchmarks"] = [b for b in data["benchmarks"]
-                          if not (b["extra_info"].get("backend") == "triton" and b["extra_info"].get("seqlen") == 256)]
+    data["benchmarks"] = [
+        b
+        for b in data["benchmarks"]
+        if not (b["extra_info"].get("backend") == "triton" and b["extra_info"].get("seqlen") == 256)
+    ]
     text = report.attention_tables(data["benchmarks"])
     row = next(line for line in text.splitlines() if line.startswith("| 256 | 64 |"))
     assert row.rstrip().endswith("| — |")
@@ -185,10 +262,14 @@ def test_targets_on_cuda_are_checked_against_the_run():
 def test_plain_pytest_run_skips_every_benchmark():
     """bench/conftest.py turns --benchmark-skip on unless --benchmark-only/--benchmark-enable is given."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "pytest", "bench", "-q", "-rs", "-p", "no:cacheprovider",
-                             "-k", "not memory_is_linear"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench", "-q", "-rs", "-p", "no:cacheprovider", "-k", "not memory_is_linear"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     summary = result.stdout.strip().splitlines()[-1]
     assert "skipped" in summary and "passed" not in summary and "failed" not in summary, summary
@@ -207,8 +288,11 @@ def test_several_jsons_merge_and_keep_ratios_within_each_run(tmp_path):
         p.write_text(json.dumps(d))
     merged = report.load_many(paths)
     report.annotate_ratios(merged["benchmarks"])
-    triton = [b["extra_info"]["speedup_vs_sdpa"] for b in merged["benchmarks"]
-              if b["extra_info"]["kind"] == "attention" and b["extra_info"]["backend"] == "triton"]
+    triton = [
+        b["extra_info"]["speedup_vs_sdpa"]
+        for b in merged["benchmarks"]
+        if b["extra_info"]["kind"] == "attention" and b["extra_info"]["backend"] == "triton"
+    ]
     assert sorted(set(round(r, 6) for r in triton)) == [2.0, 4.0]
     assert merged["bench_env"]["date"] == "2026-01-02 to 2026-01-05"
     other = synthetic(dict(CPU_ENV, device_name="Another CPU"))

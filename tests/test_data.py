@@ -4,14 +4,16 @@ The tests marked by the `shakespeare` fixture read the real Complete Works: from
 else ../shared/data/shakespeare.txt next to the repository. Without either they fail (not skip):
 CI must run them.
 """
+
 import pytest
 import torch
+from helpers import shakespeare_path
 
 from gpt.data import DATA_ENV_VAR, DataError, TokenData, Vocab, load_shakespeare, tokenize
 from gpt.model import GPTConfig
-from helpers import shakespeare_path
 
 START = "*** START OF THE PROJECT GUTENBERG EBOOK THE COMPLETE WORKS OF WILLIAM SHAKESPEARE ***"
+
 
 @pytest.fixture(scope="module")
 def shakespeare() -> tuple[str, Vocab, TokenData]:
@@ -58,8 +60,8 @@ def test_split_is_the_first_90_and_last_10_percent(shakespeare):
     text, vocab, data = shakespeare
     everything = torch.cat([data.train, data.val])
     assert len(data.val) == int(len(everything) * 0.1)
-    assert vocab.decode(everything[:2000]) == text[:len(vocab.decode(everything[:2000]))]
-    assert vocab.decode(data.val[-50:]) == text[-len(vocab.decode(data.val[-50:])):]
+    assert vocab.decode(everything[:2000]) == text[: len(vocab.decode(everything[:2000]))]
+    assert vocab.decode(data.val[-50:]) == text[-len(vocab.decode(data.val[-50:])) :]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,8 +90,9 @@ def test_train_batch_is_a_pure_function_of_its_arguments():
 
 def test_an_epoch_visits_every_chunk_once_from_an_offset_that_moves():
     data = numbered(9 * 64 + 8)  # 64 chunks of 9 tokens fit after any offset in 0..8
-    epochs = [torch.cat([data.train_batch(step, 8, 8, seed=0)[0] for step in range(8 * e, 8 * e + 8)])
-              for e in range(4)]  # 8 batches of 8 per epoch
+    epochs = [
+        torch.cat([data.train_batch(step, 8, 8, seed=0)[0] for step in range(8 * e, 8 * e + 8)]) for e in range(4)
+    ]  # 8 batches of 8 per epoch
     offsets = set()
     for inputs in epochs:
         starts = inputs[:, 0].sort().values
@@ -112,7 +115,9 @@ def test_ranks_split_the_global_batch_disjointly():
     shares = [data.train_batch(5, 4, 8, seed=1, rank=r, world_size=3)[0] for r in range(3)]
     first_tokens = [set(share[:, 0].tolist()) for share in shares]
     assert all(len(s) == 4 for s in first_tokens)
-    assert not (first_tokens[0] & first_tokens[1] or first_tokens[0] & first_tokens[2] or first_tokens[1] & first_tokens[2])
+    assert not (
+        first_tokens[0] & first_tokens[1] or first_tokens[0] & first_tokens[2] or first_tokens[1] & first_tokens[2]
+    )
     assert set().union(*first_tokens) == set(whole[:, 0].tolist())
     with pytest.raises(ValueError, match="exceeds"):
         data.train_batch(0, 10_000, 8, seed=1)

@@ -4,15 +4,16 @@ The multi-process run uses torch's own launcher (`python -m torch.distributed.ru
 torchrun) with two CPU processes; float32 and no dropout, so that the only differences between
 the ways of computing one global batch are floating-point rounding.
 """
+
 import random
 import signal
 import time
 
 import pytest
+from helpers import assert_same_losses, metrics, run_module, start_module, tiny_args, wait_for
 
 from gpt import train
 from gpt.checkpoint import SAVE_DELAY_ENV_VAR, load_checkpoint
-from helpers import assert_same_losses, metrics, run_module, start_module, tiny_args, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,9 +23,17 @@ def test_two_processes_equal_one_with_double_batch_and_one_with_accumulation(cor
     windows each step, so the same losses; and the 2-process checkpoint resumes in 1 process."""
     flags = ["--steps", "8", "--dropout", "0", "--dtype", "float32"]
     two = tmp_path / "two"
-    result = run_module("torch.distributed.run",
-                        ["--standalone", "--nproc_per_node=2", "-m", "gpt.train",
-                         *tiny_args(corpus, two, *flags, "--batch-size", "4", "--stop-at", "4")], timeout=300)
+    result = run_module(
+        "torch.distributed.run",
+        [
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "gpt.train",
+            *tiny_args(corpus, two, *flags, "--batch-size", "4", "--stop-at", "4"),
+        ],
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     state = load_checkpoint(two / "ckpt.pt")
     assert state["step"] == 4 and state["train_config"]["batch_size"] == 4
@@ -44,8 +53,11 @@ def test_two_processes_equal_one_with_double_batch_and_one_with_accumulation(cor
 def test_sigkill_during_a_checkpoint_save_keeps_the_previous_checkpoint(corpus, tmp_path):
     out = tmp_path / "out"
     # The fault-injection hook holds each save between "temporary file written" and "renamed".
-    process = start_module("gpt.train", tiny_args(corpus, out, "--steps", "100000", "--ckpt-interval", "2"),
-                           env={SAVE_DELAY_ENV_VAR: "0.5"})
+    process = start_module(
+        "gpt.train",
+        tiny_args(corpus, out, "--steps", "100000", "--ckpt-interval", "2"),
+        env={SAVE_DELAY_ENV_VAR: "0.5"},
+    )
     try:
         wait_for(lambda: (out / "ckpt.pt").exists(), what="the first checkpoint")
         wait_for(lambda: (out / "ckpt.pt.tmp").exists(), what="the second checkpoint save")
@@ -66,14 +78,17 @@ def test_sigkill_at_random_moments_never_leaves_unreadable_files(corpus, tmp_pat
     """Checkpoint and log every step, so that the kills often land inside a write."""
     out = tmp_path / "out"
     rng = random.Random(0)
-    args = tiny_args(corpus, out, "--steps", "100000", "--ckpt-interval", "1", "--log-interval", "1",
-                     "--eval-interval", "100000")
+    args = tiny_args(
+        corpus, out, "--steps", "100000", "--ckpt-interval", "1", "--log-interval", "1", "--eval-interval", "100000"
+    )
     last_step = 0
     for attempt in range(2):
         process = start_module("gpt.train", args + (["--resume"] if attempt else []))
         try:
-            wait_for(lambda: (out / "ckpt.pt").exists() and load_checkpoint(out / "ckpt.pt")["step"] > last_step,
-                     what="a new checkpoint")
+            wait_for(
+                lambda: (out / "ckpt.pt").exists() and load_checkpoint(out / "ckpt.pt")["step"] > last_step,
+                what="a new checkpoint",
+            )
             time.sleep(rng.uniform(0, 0.5))
             process.send_signal(signal.SIGKILL)
             process.wait(timeout=30)

@@ -1,4 +1,5 @@
 """The attention API: the causal mask, backend dispatch and input validation."""
+
 import pytest
 import torch
 
@@ -32,9 +33,9 @@ def test_reference_matches_explicit_loop():
     out = kernels.attention(q, k, v, backend="reference")
     for i in range(3):
         visible = i + 5 - 3 + 1  # keys 0..i+2
-        scores = q[..., i:i + 1, :] @ k[..., :visible, :].transpose(-2, -1) / 4.0  # 1/sqrt(head_dim 16)
+        scores = q[..., i : i + 1, :] @ k[..., :visible, :].transpose(-2, -1) / 4.0  # 1/sqrt(head_dim 16)
         weights = torch.softmax(scores, dim=-1)  # (2, 3, 1, visible)
-        torch.testing.assert_close(out[..., i:i + 1, :], weights @ v[..., :visible, :])
+        torch.testing.assert_close(out[..., i : i + 1, :], weights @ v[..., :visible, :])
 
 
 @pytest.mark.parametrize(
@@ -97,5 +98,7 @@ def test_mismatched_devices_are_rejected():
 
 def test_unknown_backend_names_the_choices():
     q, k, v = _qkv()
-    with pytest.raises(ValueError, match="unknown attention backend 'flash'; choose one of reference, sdpa, triton, auto"):
+    with pytest.raises(
+        ValueError, match="unknown attention backend 'flash'; choose one of reference, sdpa, triton, auto"
+    ):
         kernels.attention(q, k, v, backend="flash")

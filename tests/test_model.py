@@ -1,4 +1,5 @@
 """The GPT model: initial loss, backend interchangeability, causality, cached generation."""
+
 import math
 
 import pytest
@@ -11,8 +12,9 @@ ALL_BACKENDS = kernels.BACKENDS  # triton runs through Triton's interpreter on C
 
 
 def tiny_config(**overrides) -> GPTConfig:
-    settings = dict(vocab_size=97, block_size=16, n_layer=2, n_head=2, d_model=32, attn="reference", head="full",
-                    dropout=0.0)
+    settings = dict(
+        vocab_size=97, block_size=16, n_layer=2, n_head=2, d_model=32, attn="reference", head="full", dropout=0.0
+    )
     settings.update(overrides)
     return GPTConfig(**settings)
 

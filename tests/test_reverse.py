@@ -1,5 +1,6 @@
 """The reversal task: a causal model learns the reversed half and is at chance on the unseen half;
 without the mask it cheats on both."""
+
 import json
 import subprocess
 import sys
@@ -58,10 +59,19 @@ def test_without_the_mask_the_model_reads_the_answer_and_cheats(tmp_path):
     assert result["settings"]["causal"] is False
 
 
-@pytest.mark.parametrize("flags", [
-    ["--attn", "flash"], ["--steps", "0"], ["--n-digits", "2"], ["--lr", "-1"],
-    ["--pos-embedding", "rotary"], ["--device", "nonsense"], ["--batch-size", "x"], ["--seed", str(2**64)],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--attn", "flash"],
+        ["--steps", "0"],
+        ["--n-digits", "2"],
+        ["--lr", "-1"],
+        ["--pos-embedding", "rotary"],
+        ["--device", "nonsense"],
+        ["--batch-size", "x"],
+        ["--seed", str(2**64)],
+    ],
+)
 def test_invalid_flags_exit_2_with_one_line(tmp_path, capsys, flags):
     try:
         code = reverse.main(["--out", str(tmp_path), *flags])
@@ -73,7 +83,10 @@ def test_invalid_flags_exit_2_with_one_line(tmp_path, capsys, flags):
 
 
 def test_invalid_flag_from_the_shell_prints_no_traceback(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "gpt.reverse", "--out", str(tmp_path), "--n-digits", "99"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "gpt.reverse", "--out", str(tmp_path), "--n-digits", "99"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2
     assert done.stderr.splitlines() == ["error: --n-digits must be in 4..18, got 99"]

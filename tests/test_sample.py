@@ -1,9 +1,10 @@
 """gpt.sample: text from a checkpoint, reproducible by seed, and one-line errors."""
+
 import pytest
+from helpers import run_module, shakespeare_path, tiny_args, write_corpus
 
 from gpt import sample, train
 from gpt.checkpoint import load_checkpoint, restore_model
-from helpers import run_module, shakespeare_path, tiny_args, write_corpus
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,8 +43,9 @@ def test_complete_returns_the_prompt_and_the_new_tokens(checkpoint):
     model, vocab = restore_model(load_checkpoint(checkpoint))
     text = sample.complete(model, vocab, "Good night", tokens=0)
     assert text == "Good night"
-    assert sample.complete(model, vocab, "Good night", tokens=25, top_k=1) == \
-        sample.complete(model, vocab, "Good night", tokens=25, top_k=1, seed=99)  # top-1 is greedy
+    assert sample.complete(model, vocab, "Good night", tokens=25, top_k=1) == sample.complete(
+        model, vocab, "Good night", tokens=25, top_k=1, seed=99
+    )  # top-1 is greedy
 
 
 def test_missing_checkpoint(tmp_path, capsys):
@@ -73,8 +75,27 @@ def test_unknown_word_from_the_command_line_is_one_line(checkpoint):
 def test_the_default_model_trains_on_the_real_corpus_and_speaks_to_romeo(tmp_path, capsys):
     """The default configuration (adaptive head, full vocabulary) for one step, then a sample."""
     out = tmp_path / "out"
-    assert train.main(["--data", str(shakespeare_path()), "--out", str(out), "--device", "cpu", "--steps", "100",
-                       "--stop-at", "1", "--batch-size", "4", "--eval-windows", "8"]) == 0
+    assert (
+        train.main(
+            [
+                "--data",
+                str(shakespeare_path()),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--steps",
+                "100",
+                "--stop-at",
+                "1",
+                "--batch-size",
+                "4",
+                "--eval-windows",
+                "8",
+            ]
+        )
+        == 0
+    )
     state = load_checkpoint(out / "ckpt.pt")
     assert state["model_config"]["head"] == "adaptive" and state["model_config"]["vocab_size"] == 34_216
     capsys.readouterr()

@@ -1,9 +1,11 @@
-"""gpt.train, gpt.step and gpt.config: schedule, optimizer groups, train_step, outputs of a run, exact resume, signals, errors.
+"""gpt.train, gpt.step and gpt.config: schedule, optimizer groups, train_step, flags, outputs of a run,
+exact resume, signals, errors.
 
 Most runs use a tiny model on a small synthetic corpus, in this process (fast); the tests of
 exit codes and stderr run `python -m gpt.train` in a subprocess. Shared helpers are in
 helpers.py, fixtures in conftest.py.
 """
+
 import json
 import math
 import signal
@@ -14,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from helpers import REPO, assert_same_losses, metrics, run_module, start_module, tiny_args, wait_for
 
 from gpt import config, step, train
 from gpt.checkpoint import REQUIRED_KEYS, load_checkpoint
 from gpt.data import TokenData, load_data
 from gpt.model import GPTConfig
-from helpers import (REPO, assert_same_losses, metrics, run_module, start_module, tiny_args, wait_for)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,7 +43,8 @@ def test_every_flag_has_one_line_of_help(capsys):
     names = [f.name for f in options]
     assert len(names) == len(set(names))
     assert set(names) == (set(config.TrainConfig.__dataclass_fields__) - {"model"}) | (
-        set(GPTConfig.__dataclass_fields__) - set(config.SET_BY_THE_RUN))
+        set(GPTConfig.__dataclass_fields__) - set(config.SET_BY_THE_RUN)
+    )
 
 
 def test_model_flags_come_from_gpt_config_and_default_to_its_defaults():
@@ -63,8 +66,16 @@ def test_learning_rate_warms_up_linearly_then_decays_to_a_tenth():
 
 @pytest.mark.parametrize("head, tie", [("full", False), ("full", True), ("adaptive", False)])
 def test_weight_decay_only_on_linear_weight_matrices(head, tie):
-    model_config = GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=2, d_model=16, head=head,
-                       tie_embeddings=tie, adaptive_cutoffs=[8, 32])
+    model_config = GPTConfig(
+        vocab_size=64,
+        block_size=8,
+        n_layer=2,
+        n_head=2,
+        d_model=16,
+        head=head,
+        tie_embeddings=tie,
+        adaptive_cutoffs=[8, 32],
+    )
     model = step.build_model(model_config, "cpu", seed=0)
     decayed, not_decayed = step.configure_optimizer(model, 1e-3, 0.1, "cpu").param_groups
     assert decayed["weight_decay"] == 0.1 and not_decayed["weight_decay"] == 0.0
@@ -81,7 +92,11 @@ def test_gradient_accumulation_equals_one_big_batch():
     x = torch.randint(0, 50, (8, 8), generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 50, (8, 8), generator=torch.Generator().manual_seed(1))
     results = []
-    for micro_batches in ([(x, y)], [(x[:4], y[:4]), (x[4:], y[4:])], [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]):
+    for micro_batches in (
+        [(x, y)],
+        [(x[:4], y[:4]), (x[4:], y[4:])],
+        [(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)],
+    ):
         model = step.build_model(model_config, "cpu", seed=0)
         # SGD: the update is the gradient itself (Adam's first step, ~lr * sign(gradient),
         # would magnify the rounding differences of near-zero gradients).
@@ -233,8 +248,10 @@ def test_error_unknown_backend(tmp_path):
 
 def test_error_triton_kernel_unavailable(corpus, tmp_path):
     # Simulate a machine where the kernel cannot be imported (no Triton, or a broken install).
-    code = ("import sys; sys.modules['kernels.triton_attention'] = None; from gpt.train import main; "
-            f"sys.exit(main({tiny_args(corpus, tmp_path / 'out', '--attn', 'triton')!r}))")
+    code = (
+        "import sys; sys.modules['kernels.triton_attention'] = None; from gpt.train import main; "
+        f"sys.exit(main({tiny_args(corpus, tmp_path / 'out', '--attn', 'triton')!r}))"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert_one_line_error(result, "--attn triton is unavailable")
 

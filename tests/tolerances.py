@@ -15,6 +15,7 @@ alone would demand the impossible.
 One documented exception, `lse_recompute_atol`: gradients of FlashAttention-style
 kernels at huge logits, where the reference has an advantage no fused kernel can share.
 """
+
 import math
 
 import torch

@@ -8,14 +8,15 @@
 3. Scoring functions: time (forward + backward) and the largest intermediate tensor of dot-product
    (materialized and fused), cosine, negative squared distance and additive (Bahdanau) attention.
 """
+
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from common import median_seconds, save
 
 import kernels
-from common import median_seconds, save
 from gpt.model import GPT
 from gpt.reverse import ReverseSettings, held_out_digits, reversal_examples, train_model, training_batches
 
@@ -34,10 +35,20 @@ def shapes() -> dict:
         mismatch = "no error"
     except RuntimeError as err:
         mismatch = str(err).splitlines()[0]
-    return {"q": list(q.shape), "k": list(k.shape), "v": list(v.shape), "output": list(out.shape),
-            "multi_query": {"q": list(q_gqa.shape), "k": list(k_mq.shape), "v": list(v_mq.shape),
-                            "output": list(out_mq.shape), "kv_cache_fraction": kv_heads / H},
-            "q_and_k_of_different_width": mismatch}
+    return {
+        "q": list(q.shape),
+        "k": list(k.shape),
+        "v": list(v.shape),
+        "output": list(out.shape),
+        "multi_query": {
+            "q": list(q_gqa.shape),
+            "k": list(k_mq.shape),
+            "v": list(v_mq.shape),
+            "output": list(out_mq.shape),
+            "kv_cache_fraction": kv_heads / H,
+        },
+        "q_and_k_of_different_width": mismatch,
+    }
 
 
 def softmax_statistics(scores: torch.Tensor, v: torch.Tensor, upstream: torch.Tensor) -> dict:
@@ -46,11 +57,13 @@ def softmax_statistics(scores: torch.Tensor, v: torch.Tensor, upstream: torch.Te
     weights = torch.softmax(scores, dim=-1)
     (weights @ v * upstream).sum().backward()
     entropy = -(weights * weights.clamp_min(1e-30).log()).sum(-1)
-    return {"score_std": scores.std().item(),
-            "entropy_fraction": (entropy / math.log(scores.shape[-1])).mean().item(),
-            "max_weight": weights.max(-1).values.mean().item(),
-            "saturated_fraction": (weights.max(-1).values > 0.99).float().mean().item(),  # rows ~one-hot
-            "score_grad_norm": scores.grad.norm(dim=-1).mean().item()}
+    return {
+        "score_std": scores.std().item(),
+        "entropy_fraction": (entropy / math.log(scores.shape[-1])).mean().item(),
+        "max_weight": weights.max(-1).values.mean().item(),
+        "saturated_fraction": (weights.max(-1).values > 0.99).float().mean().item(),  # rows ~one-hot
+        "score_grad_norm": scores.grad.norm(dim=-1).mean().item(),
+    }
 
 
 def scaling_with_unit_variance(n_keys: int = 64, n_queries: int = 512) -> list[dict]:
@@ -62,7 +75,7 @@ def scaling_with_unit_variance(n_keys: int = 64, n_queries: int = 512) -> list[d
         k = torch.randn(n_keys, d_k, generator=generator)
         v = torch.randn(n_keys, 32, generator=generator)
         upstream = torch.randn(n_queries, 32, generator=generator)
-        for name, scale in (("scaled", d_k ** -0.5), ("unscaled", 1.0)):
+        for name, scale in (("scaled", d_k**-0.5), ("unscaled", 1.0)):
             rows.append({"d_k": d_k, "scale": name, **softmax_statistics(q @ k.T * scale, v, upstream)})
     return rows
 
@@ -82,10 +95,15 @@ def model_scores(model: GPT, idx: torch.Tensor) -> list[dict]:
         weights = torch.softmax(scores, dim=-1)
         entropy = -(weights * weights.clamp_min(1e-30).log()).sum(-1)  # (B, H, T)
         visible = torch.arange(1, T + 1)  # query t sees t + 1 keys: uniform attention has entropy ln(t + 1)
-        rows.append({"q_std": q.std().item(), "k_std": k.std().item(),
-                     "scaled_score_std": scores[scores.isfinite()].std().item(),
-                     "entropy_fraction_of_uniform": (entropy[..., 1:] / visible[1:].log()).mean().item(),
-                     "max_weight": weights.max(-1).values.mean().item()})
+        rows.append(
+            {
+                "q_std": q.std().item(),
+                "k_std": k.std().item(),
+                "scaled_score_std": scores[scores.isfinite()].std().item(),
+                "entropy_fraction_of_uniform": (entropy[..., 1:] / visible[1:].log()).mean().item(),
+                "max_weight": weights.max(-1).values.mean().item(),
+            }
+        )
         x = block(x)
     return rows
 
@@ -97,8 +115,11 @@ def scores_at_init_and_after_training() -> dict:
     idx, _ = reversal_examples(held_out_digits(settings.n_digits)[:256])
     at_init = model_scores(model, idx)
     train_model(model, training_batches(settings), settings.steps, settings.lr)
-    return {"model": "gpt.reverse model (2 layers, 2 heads, d_model 64, head dim 32), reversal task",
-            "at_init": at_init, "after_300_steps": model_scores(model, idx)}
+    return {
+        "model": "gpt.reverse model (2 layers, 2 heads, d_model 64, head dim 32), reversal task",
+        "at_init": at_init,
+        "after_300_steps": model_scores(model, idx),
+    }
 
 
 class AdditiveScore(nn.Module):
@@ -123,8 +144,9 @@ def masked_softmax_attention(scores, v):
 
 def cosine_fused(q, k, v, temperature: float = 10.0):
     """Cosine similarity is a dot product of unit vectors: normalize, then any fused kernel works."""
-    return F.scaled_dot_product_attention(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v,
-                                          is_causal=True, scale=temperature)
+    return F.scaled_dot_product_attention(
+        F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, is_causal=True, scale=temperature
+    )
 
 
 def distance_fused(q, k, v):
@@ -136,7 +158,7 @@ def distance_fused(q, k, v):
 
 
 def distance_materialized(q, k, v):
-    return masked_softmax_attention(-torch.cdist(q, k) ** 2 * q.shape[-1] ** -0.5, v)
+    return masked_softmax_attention(-(torch.cdist(q, k) ** 2) * q.shape[-1] ** -0.5, v)
 
 
 def scoring_costs() -> dict:
@@ -144,21 +166,28 @@ def scoring_costs() -> dict:
     additive = AdditiveScore(d, d_hidden=d)
     # name -> (attention function, elements of its largest score-shaped intermediate as a function of T)
     variants = {
-        "dot, materialized (reference)": (lambda q, k, v: kernels.attention(q, k, v, backend="reference"),
-                                          lambda T: B * H * T * T),
+        "dot, materialized (reference)": (
+            lambda q, k, v: kernels.attention(q, k, v, backend="reference"),
+            lambda T: B * H * T * T,
+        ),
         "dot, fused (sdpa)": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), None),
         "cosine, fused (sdpa)": (cosine_fused, None),
         "neg. sq. distance, fused (sdpa)": (distance_fused, None),
         "neg. sq. distance, materialized": (distance_materialized, lambda T: B * H * T * T),
-        "additive (Bahdanau), materialized": (lambda q, k, v: masked_softmax_attention(additive(q, k), v),
-                                              lambda T: B * H * T * T * d),
+        "additive (Bahdanau), materialized": (
+            lambda q, k, v: masked_softmax_attention(additive(q, k), v),
+            lambda T: B * H * T * T * d,
+        ),
     }
     rows = []
     for T in (128, 256, 512, 1024):
         q, k, v = (torch.randn(B, H, T, d, requires_grad=True) for _ in range(3))
         for name, (attend, largest) in variants.items():
-            row = {"T": T, "scoring": name,
-                   "largest_intermediate_MiB": largest(T) * 4 / 2**20 if largest else "none of size T x T"}
+            row = {
+                "T": T,
+                "scoring": name,
+                "largest_intermediate_MiB": largest(T) * 4 / 2**20 if largest else "none of size T x T",
+            }
             if name.startswith("additive") and T > 512:
                 row["skipped"] = "too large for this machine with autograd"
             else:
@@ -167,15 +196,18 @@ def scoring_costs() -> dict:
             rows.append(row)
     q, k, v = (torch.randn(B, H, 64, d) for _ in range(3))
     distance_gap = (distance_fused(q, k, v) - distance_materialized(q, k, v)).abs().max().item()
-    return {"B": B, "H": H, "head_dim": d, "rows": rows,
-            "distance_fused_vs_materialized_max_abs_diff": distance_gap}
+    return {"B": B, "H": H, "head_dim": d, "rows": rows, "distance_fused_vs_materialized_max_abs_diff": distance_gap}
 
 
 def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    record = {"shapes": shapes(), "unit_variance": scaling_with_unit_variance(),
-              "gpt_scores": scores_at_init_and_after_training(), "scoring_costs": scoring_costs()}
+    record = {
+        "shapes": shapes(),
+        "unit_variance": scaling_with_unit_variance(),
+        "gpt_scores": scores_at_init_and_after_training(),
+        "scoring_costs": scoring_costs(),
+    }
     for row in record["unit_variance"]:
         print(row)
     for when in ("at_init", "after_300_steps"):

@@ -4,20 +4,20 @@ Each experiment is a script, run from the repository root:
     python docs/experiments/scaling.py
 and writes docs/results/<name>.json (and .png) recording the command and the machine.
 """
+
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
-from gpt.data import TokenData
+from gpt.data import TokenData, load_data
 from gpt.model import GPT, GPTConfig
-from gpt.data import load_data
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 SHAKESPEARE_VOCAB = 2_000  # see shakespeare()
@@ -96,8 +96,16 @@ def unigram_loss(windows: tuple[torch.Tensor, torch.Tensor]) -> float:
 
 def lm_config(**overrides) -> GPTConfig:
     """The small language model of the ablations; overrides change any GPTConfig field."""
-    fields = dict(vocab_size=SHAKESPEARE_VOCAB, block_size=64, n_layer=4, n_head=4, d_model=64, attn="sdpa", head="full",
-                  dropout=0.0)
+    fields = dict(
+        vocab_size=SHAKESPEARE_VOCAB,
+        block_size=64,
+        n_layer=4,
+        n_head=4,
+        d_model=64,
+        attn="sdpa",
+        head="full",
+        dropout=0.0,
+    )
     fields.update(overrides)
     return GPTConfig(**fields)
 
@@ -111,8 +119,10 @@ def loss_on(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def moving_average(values: list[float], window: int = 20) -> list[float]:
-    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
-            for i in range(len(values))]
+    return [
+        sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+        for i in range(len(values))
+    ]
 
 
 def block_grad_norms(model: GPT) -> list[float]:

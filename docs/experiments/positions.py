@@ -7,13 +7,14 @@ sinusoidal run gets 2000), run in-process. Also recorded: how often each positio
 separator, and how large the position vectors are next to the token embeddings at initialization
 (the likely reason sinusoidal learns late here).
 """
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-
 from common import save, save_figure
+
 from gpt.model import GPT
 from gpt.reverse import SEPARATOR, ReverseSettings, held_out_digits, position_labels, reversal_examples, run
 
@@ -38,8 +39,10 @@ def embedding_norms_at_init(settings: ReverseSettings) -> dict:
     """Mean L2 norm of a token embedding and of a position vector in a freshly initialized model."""
     model = GPT(settings.model_config())
     positions = model.position_embedding(torch.arange(2 * settings.n_digits))
-    return {"token": model.token_embedding.weight.norm(dim=-1).mean().item(),
-            "position": positions.norm(dim=-1).mean().item()}
+    return {
+        "token": model.token_embedding.weight.norm(dim=-1).mean().item(),
+        "position": positions.norm(dim=-1).mean().item(),
+    }
 
 
 def main() -> None:
@@ -49,10 +52,20 @@ def main() -> None:
         for seed in seeds:
             settings = ReverseSettings(seed=seed, **fields)
             model, result, losses = run(settings)
-            rows.append({"variant": name, "seed": seed, "steps": settings.steps, "final_loss": sum(losses[-50:]) / 50,
-                         **result, "separator_guess_rate": separator_guess_rate(model, settings.n_digits)})
-            print(f"{name:22s} seed {seed}: first half {result['first_half_accuracy']:.3f}, "
-                  f"second half {result['second_half_accuracy']:.3f}")
+            rows.append(
+                {
+                    "variant": name,
+                    "seed": seed,
+                    "steps": settings.steps,
+                    "final_loss": sum(losses[-50:]) / 50,
+                    **result,
+                    "separator_guess_rate": separator_guess_rate(model, settings.n_digits),
+                }
+            )
+            print(
+                f"{name:22s} seed {seed}: first half {result['first_half_accuracy']:.3f}, "
+                f"second half {result['second_half_accuracy']:.3f}"
+            )
     norms = {kind: embedding_norms_at_init(ReverseSettings(pos_embedding=kind)) for kind in ("learned", "sinusoidal")}
 
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -64,8 +77,7 @@ def main() -> None:
     ax.set(xlabel="target", ylabel="held-out accuracy", title="Reversal, 8 digits, 1000 steps unless noted")
     ax.legend(fontsize=7, ncol=2)
     save_figure(fig, "positions")
-    save("positions", {"position_labels": labels, "runs": rows,
-                       "embedding_norms_at_init": norms})
+    save("positions", {"position_labels": labels, "runs": rows, "embedding_norms_at_init": norms})
 
 
 if __name__ == "__main__":

@@ -9,14 +9,24 @@ held-out loss at the end, each block's gradient norm before clipping, at initial
 and averaged over the first 50 steps, and at initialization how much the last position's final
 hidden state depends on the last token.
 """
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from common import (
+    block_grad_norms,
+    lm_batches,
+    lm_config,
+    loss_on,
+    moving_average,
+    save,
+    save_figure,
+    shakespeare,
+    unigram_loss,
+)
 
-from common import (block_grad_norms, lm_batches, lm_config, loss_on, moving_average, save, save_figure, shakespeare,
-                    unigram_loss)
 from gpt.model import GPT
 from gpt.reverse import train_model
 
@@ -35,8 +45,10 @@ def last_token_influence(model: GPT, windows: torch.Tensor) -> dict:
     changed = windows.clone()
     changed[:, -1] = (changed[:, -1] + 1) % model.config.vocab_size
     before, after = model.hidden_states(windows)[:, -1], model.hidden_states(changed)[:, -1]
-    return {"hidden_norm": before.norm(dim=-1).mean().item(),
-            "change_norm": (after - before).norm(dim=-1).mean().item()}
+    return {
+        "hidden_norm": before.norm(dim=-1).mean().item(),
+        "change_norm": (after - before).norm(dim=-1).mean().item(),
+    }
 
 
 def run_variant(training, held_out, overrides: dict) -> dict:
@@ -51,12 +63,16 @@ def run_variant(training, held_out, overrides: dict) -> dict:
 
     losses = train_model(model, lm_batches(training, BATCH_SIZE), STEPS, LR, after_backward=record)
     early = [sum(column) / EARLY for column in zip(*grad_norms)]
-    return {"last_token_influence_at_init": influence_at_init,
-            "block_grad_norm_at_init": grad_norms[0][:-1], "embedding_grad_norm_at_init": grad_norms[0][-1],
-            f"block_grad_norm_mean_first_{EARLY}_steps": early[:-1],
-            f"embedding_grad_norm_mean_first_{EARLY}_steps": early[-1],
-            "train_loss_last_50": sum(losses[-50:]) / 50, "held_out_loss": loss_on(model, *held_out),
-            "train_losses": losses}
+    return {
+        "last_token_influence_at_init": influence_at_init,
+        "block_grad_norm_at_init": grad_norms[0][:-1],
+        "embedding_grad_norm_at_init": grad_norms[0][-1],
+        f"block_grad_norm_mean_first_{EARLY}_steps": early[:-1],
+        f"embedding_grad_norm_mean_first_{EARLY}_steps": early[-1],
+        "train_loss_last_50": sum(losses[-50:]) / 50,
+        "held_out_loss": loss_on(model, *held_out),
+        "train_losses": losses,
+    }
 
 
 def plot(results: dict) -> None:
@@ -65,8 +81,11 @@ def plot(results: dict) -> None:
         left.plot(moving_average(result["train_losses"]), label=name)
         right.semilogy(range(1, N_LAYER + 1), result["block_grad_norm_at_init"], "o-", label=name)
     left.set(xlabel="step", ylabel="training loss (20-step mean)", title=f"{N_LAYER} blocks, d_model 64")
-    right.set(xlabel="block (1 = nearest the input)", ylabel="gradient norm of the block's parameters",
-              title="Gradient reaching each block at initialization")
+    right.set(
+        xlabel="block (1 = nearest the input)",
+        ylabel="gradient norm of the block's parameters",
+        title="Gradient reaching each block at initialization",
+    )
     left.legend(fontsize=8)
     save_figure(fig, "residual")
 
@@ -80,9 +99,19 @@ def main() -> None:
         summary = {k: v for k, v in results[name].items() if k != "train_losses"}
         print(name, summary)
     plot(results)
-    save("residual", {"n_layer": N_LAYER, "steps": STEPS, "batch_size": BATCH_SIZE, "seq_len": SEQ_LEN, "lr": LR,
-                      "model": "8 blocks, d_model 64, 4 heads, vocabulary 2,000", "unigram_loss": unigram_loss(training),
-                      "results": results})
+    save(
+        "residual",
+        {
+            "n_layer": N_LAYER,
+            "steps": STEPS,
+            "batch_size": BATCH_SIZE,
+            "seq_len": SEQ_LEN,
+            "lr": LR,
+            "model": "8 blocks, d_model 64, 4 heads, vocabulary 2,000",
+            "unigram_loss": unigram_loss(training),
+            "results": results,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ order, seeds and learning rate for the same number of steps (two seeds each):
     1 block applied 4 times   the same compute, a quarter of the block parameters
     1 block                   the same parameters as the shared model, a quarter of the compute
 """
+
 import time
 
 import matplotlib
@@ -15,8 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-
 from common import lm_batches, lm_config, loss_on, moving_average, save, save_figure, shakespeare, unigram_loss
+
 from gpt.model import GPT
 from gpt.reverse import train_model
 
@@ -38,12 +39,18 @@ def main() -> None:
             model = GPT(lm_config(block_size=SEQ_LEN, **overrides))
             started = time.perf_counter()
             losses = train_model(model, lm_batches(training, BATCH_SIZE, seed), STEPS, LR)
-            rows.append({"variant": name, "seed": seed, "parameters": model.num_parameters(),
-                         "block_parameters": sum(p.numel() for p in model.blocks.parameters()),  # shared ones once
-                         "block_applications": len(model.blocks),
-                         "train_loss_last_50": sum(losses[-50:]) / 50,
-                         "held_out_loss": loss_on(model, *held_out),
-                         "train_seconds": time.perf_counter() - started})
+            rows.append(
+                {
+                    "variant": name,
+                    "seed": seed,
+                    "parameters": model.num_parameters(),
+                    "block_parameters": sum(p.numel() for p in model.blocks.parameters()),  # shared ones once
+                    "block_applications": len(model.blocks),
+                    "train_loss_last_50": sum(losses[-50:]) / 50,
+                    "held_out_loss": loss_on(model, *held_out),
+                    "train_seconds": time.perf_counter() - started,
+                }
+            )
             curves[f"{name} (seed {seed})"] = losses
             print(rows[-1])
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -52,9 +59,19 @@ def main() -> None:
     ax.set(xlabel="step", ylabel="training loss (20-step mean)", ylim=(None, 6))
     ax.legend()
     save_figure(fig, "share_blocks")
-    save("share_blocks", {"unigram_loss": unigram_loss(training),
-                          "steps": STEPS, "batch_size": BATCH_SIZE, "seq_len": SEQ_LEN, "lr": LR,
-                          "model": "d_model 64, 4 heads, vocabulary 2,000", "results": rows, "train_losses": curves})
+    save(
+        "share_blocks",
+        {
+            "unigram_loss": unigram_loss(training),
+            "steps": STEPS,
+            "batch_size": BATCH_SIZE,
+            "seq_len": SEQ_LEN,
+            "lr": LR,
+            "model": "d_model 64, 4 heads, vocabulary 2,000",
+            "results": rows,
+            "train_losses": curves,
+        },
+    )
 
 
 if __name__ == "__main__":
