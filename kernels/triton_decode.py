@@ -245,8 +245,9 @@ def _programs_to_fill(device: torch.device) -> int:
 def split_plan(kv_len: int, batch_heads: int, block_n: int, programs: int) -> tuple[int, int]:
     """(num_splits, split_size) for a cache of kv_len keys (kv_len >= 1).
 
-    Enough splits that num_splits * batch_heads reaches `programs`, but none shorter than
-    one key block; split_size is a whole number of blocks, and no split is empty.
+    Aims for num_splits * batch_heads = `programs`, with no split shorter than one key
+    block. split_size is a whole number of blocks, which can round the count down (to no
+    less than half the aim), and no split is empty.
     """
     num_blocks = triton.cdiv(kv_len, block_n)
     num_splits = min(max(triton.cdiv(programs, batch_heads), 1), num_blocks)
