@@ -150,11 +150,11 @@ def _decode_split(
                                      offs_m, full_end, hi, N_K, diag, qk_scale,
                                      BLOCK_N, CAUSAL, True, FP32_DOT)
 
-    # A row that saw no key here (l = 0) writes o = 0 and lse = -inf: weight 0 in the combine.
-    no_keys = l_i == 0.0
-    l_safe = tl.where(no_keys, 1.0, l_i)
+    # A row that saw no key here has l = 0 and m = -inf: it writes o = 0 (not 0 / 0) and
+    # lse = -inf, which gives it weight 0 in the combine.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(no_keys, float("-inf"), m_i + tl.math.log2(l_safe))
+    lse = m_i + tl.math.log2(l_safe)
     rows = (off_hb.to(tl.int64) * num_splits + split) * N_Q + offs_m  # (BLOCK_M,) rows of the workspace
     tl.store(PartialOut + rows[:, None] * HEAD_DIM + offs_d[None, :], out, mask=in_q[:, None])
     tl.store(PartialLse + rows, lse, mask=in_q)
