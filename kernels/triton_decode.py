@@ -228,6 +228,7 @@ _INTERPRET_PROGRAMS = 8
 
 @functools.cache
 def decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
+    """The split kernel's launch settings for this head dim and dtype (any Tq, any Tk)."""
     if INTERPRET:
         return _INTERPRET_CONFIG
     half, single = _CUDA_CONFIGS[head_dim]
