@@ -721,7 +721,7 @@ def evaluate_targets(results: dict, plan: Plan) -> list:
         total = sum(seconds) if None not in seconds else None
         target(10, f"first calls at head dim {head_dim} (fwd, fwd+bwd, decode together) <= 10 s",
                [at_most(total, 10.0)] if total is not None else [None],
-               " + ".join(fmt(s) for s in seconds) + (f" = {fmt(total)} s" if total is not None else " s"))
+               "-" if seconds == [None] * 3 else " + ".join(fmt(s) for s in seconds) + f" = {fmt(total)} s")
 
     # Decode per call (issue 10, item 3).
     for field, what in (("ms", "device time (do_bench)"), ("wall_us", "wall time")):
