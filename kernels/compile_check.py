@@ -28,7 +28,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import triton_attention  # noqa: E402
-from kernels.triton_configs import ARCHS, DTYPE_CLASSES, SHARED_MEMORY, TABLE  # noqa: E402
+from kernels.triton_configs import ARCHS, SHARED_MEMORY, TABLE  # noqa: E402
 
 TARGETS = {"sm90": 90, "sm80": 80, "generic": 86}
 SPILL_LIMIT = 64  # bytes per thread: a few spilled registers are harmless, hundreds are not

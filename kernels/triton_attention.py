@@ -39,6 +39,7 @@ by kernels/triton_runtime.py), which accepts CPU tensors: correct, and very slow
 import functools
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -506,7 +507,7 @@ def _forward(q, k, v, scale: float, plan: "_Plan"):
 
 def _backward(do, q, k, v, out, lse, scale: float, plan: "_Plan"):
     """Launch the three backward kernels; returns dq, dk, dv shaped like q, k, v."""
-    B, H, Tq, D = q.shape
+    B, H, Tq, _ = q.shape
     nan_fill = plan.switches.nan_fill
     dq = _empty(q.shape, q.dtype, q.device, nan_fill)
     dk = _empty(k.shape, k.dtype, k.device, nan_fill)
@@ -571,17 +572,22 @@ class _Plan:
                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return _Launch((blocks, B * H), meta)
 
+    def _table_config(self, kernel: str) -> tuple[str, LaunchConfig]:
+        """The architecture and the committed config (the interpreter's own, without a GPU)."""
+        if INTERPRET:
+            return "interpreter", triton_configs.INTERPRETER_CONFIGS[kernel]
+        arch = triton_configs.arch_of(torch.cuda.get_device_capability(self.device))
+        dtype_class = triton_configs.DTYPE_CLASSES[self.dtype]
+        return arch, triton_configs.table_config(arch, kernel, dtype_class, self.causal, self.length_class,
+                                                 self.q_shape[3])
+
     def _config(self, kernel: str) -> LaunchConfig:
         if self.configs is not None:
             return self.configs[kernel]
-        head_dim, dtype_class, length = self.q_shape[3], triton_configs.DTYPE_CLASSES[self.dtype], self.length_class
-        if INTERPRET:
-            arch, table_config = "interpreter", triton_configs.INTERPRETER_CONFIGS[kernel]
-        else:
-            arch = triton_configs.arch_of(torch.cuda.get_device_capability(self.device))
-            table_config = triton_configs.table_config(arch, kernel, dtype_class, self.causal, length, head_dim)
+        arch, table_config = self._table_config(kernel)
         if not self.switches.autotune:
             return table_config
+        head_dim, dtype_class, length = self.q_shape[3], triton_configs.DTYPE_CLASSES[self.dtype], self.length_class
         configs = [table_config] if INTERPRET else triton_configs.candidates(
             arch, kernel, dtype_class, self.causal, length, head_dim)
         key = f"{arch}/{kernel}/{str(self.dtype).removeprefix('torch.')}/d{head_dim}/" \
@@ -589,29 +595,29 @@ class _Plan:
         device_name = "interpreter" if INTERPRET else torch.cuda.get_device_name(self.device)
         examples = functools.cache(self._examples)  # made only if the tuner benchmarks
         return _tuned_configs(self.switches.tuning_dir, device_name).winner(
-            key, configs, lambda cfg: _RUN_ALONE[kernel](**examples(), launch=self._launch(kernel, cfg)))
+            key, configs, lambda cfg: self._run_alone(kernel, self._launch(kernel, cfg), examples()))
 
-    def _examples(self) -> dict:
-        """Random inputs of this signature (and the forward's outputs) to time configs on."""
+    def _examples(self) -> SimpleNamespace:
+        """Random inputs of this signature, the forward's outputs and gradient buffers: what the tuner times on."""
         B, H, Tq, D = self.q_shape
-        q = torch.randn(self.q_shape, dtype=self.dtype, device=self.device)
-        k, v = (torch.randn(B, H, self.kv_len, D, dtype=self.dtype, device=self.device) for _ in range(2))
-        scale = D**-0.5
-        out, lse = _forward(q, k, v, scale, self)
-        do = torch.randn_like(q)
-        delta = torch.empty_like(lse)
-        _run_preprocess(out, do, delta, self.backward[0])
-        return dict(q=q, k=k, v=v, out=out, lse=lse, do=do, delta=delta, scale=scale)
+        e = SimpleNamespace(scale=D**-0.5, q=torch.randn(self.q_shape, dtype=self.dtype, device=self.device))
+        e.k, e.v = (torch.randn(B, H, self.kv_len, D, dtype=self.dtype, device=self.device) for _ in range(2))
+        e.out, e.lse = torch.empty_like(e.q), torch.empty(B, H, Tq, device=self.device)
+        # (With the table's forward config: the forward's own may be what is being tuned.)
+        self._run_alone("fwd", self._launch("fwd", self._table_config("fwd")[1]), e)
+        e.do, e.dq, e.dk, e.dv = (torch.randn_like(t) for t in (e.q, e.q, e.k, e.v))
+        e.delta = (e.out.float() * e.do.float()).sum(-1)  # what _attn_bwd_preprocess computes
+        return e
 
-
-# Each kernel run on its own, from a plan's examples: what the tuner times.
-_RUN_ALONE = {
-    "fwd": lambda q, k, v, out, lse, scale, launch, **_: _run_fwd(q, k, v, out.clone(), lse.clone(), scale, launch),
-    "dkdv": lambda q, k, v, do, lse, delta, scale, launch, **_: _run_dkdv(
-        q, k, v, do, torch.empty_like(k), torch.empty_like(v), lse, delta, scale, launch),
-    "dq": lambda q, k, v, do, lse, delta, scale, launch, **_: _run_dq(
-        q, k, v, do, torch.empty_like(q), lse, delta, scale, launch),
-}
+    @staticmethod
+    def _run_alone(kernel: str, launch: _Launch, e: SimpleNamespace) -> None:
+        """One launch of `kernel` on the examples (every kernel only writes its outputs: safe to repeat)."""
+        if kernel == "fwd":
+            _run_fwd(e.q, e.k, e.v, e.out, e.lse, e.scale, launch)
+        elif kernel == "dkdv":
+            _run_dkdv(e.q, e.k, e.v, e.do, e.dk, e.dv, e.lse, e.delta, e.scale, launch)
+        else:
+            _run_dq(e.q, e.k, e.v, e.do, e.dq, e.lse, e.delta, e.scale, launch)
 
 
 @functools.cache
@@ -759,4 +765,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if torch.compiler.is_compiling():  # traced: the custom op, which torch.compile sees through
         return flash_attn_fwd(q, k, v, causal, scale)[0]
     plan = _plan_for(q, k, v, causal)
+    # Decoding steps arrive here as plan.length_class == "decode" (q_len <= 16).
     return _FlashAttention.apply(q, k, v, scale, plan)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpt.model import GPT, GPTConfig
-from kernels import triton_attention, triton_configs, triton_runtime
+from kernels import reference, triton_attention, triton_configs, triton_runtime
 from kernels.triton_configs import ANY, TABLE, LaunchConfig, TunedConfigs
 
 LENGTHS = [name for name, _ in triton_configs.LENGTH_CLASSES]
@@ -33,7 +33,7 @@ def test_every_key_resolves_to_a_legal_config_that_fits(arch):
 
 
 def test_table_rows_are_well_formed():
-    for arch, rows in TABLE.items():
+    for rows in TABLE.values():
         for (kernel, dtype_class, causal, length), row in rows.items():
             assert kernel in triton_configs.KERNELS and dtype_class in triton_configs.ELEMENT_SIZE
             assert causal in (True, False, ANY) and length in (*LENGTHS, ANY)
@@ -204,3 +204,27 @@ def test_with_autotune_on_each_class_is_tuned_once(counted_tuner, one_thread, mo
     assert sorted(key.rsplit("/", 1)[-1] for key in tuned) == ["decode", "short"]
     generate_50_tokens()  # the same classes again: remembered
     assert len(counted_tuner) == 2
+
+
+def test_autotuning_times_each_kernel_on_its_own_and_stays_exact(monkeypatch, tmp_path):
+    """With tuning on, the tuner gets a runnable launch for each of the three kernels (run
+    here once each, as do_bench would), and the results stay those of the reference."""
+    ran = []
+
+    def tune(configs, run):
+        run(configs[0])
+        ran.append(configs[0])
+        return configs[0]
+
+    monkeypatch.setattr(triton_configs, "tune", tune)
+    monkeypatch.setattr(triton_runtime, "SWITCHES", triton_runtime.Switches(autotune=True, tuning_dir=tmp_path))
+    q, k, v = (torch.randn(1, 2, 21, 16, requires_grad=True) for _ in range(3))
+    out = triton_attention.attention(q, k, v, causal=True, scale=0.25)
+    out.sum().backward()
+    assert len(ran) == 3  # fwd, dkdv, dq
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = reference.attention(*exact, causal=True, scale=0.25)
+    expected.sum().backward()
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    for got, want in zip((q, k, v), exact):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=0, atol=1e-5)
