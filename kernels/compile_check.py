@@ -9,6 +9,10 @@ registers per thread, spilled bytes (ptxas -v) and shared memory. Exits 1 if a
 config spills more than SPILL_LIMIT bytes or needs more shared memory than the arch has.
 No GPU is needed: Triton ships ptxas. The causal variant is compiled (it holds
 every code path of the non-causal one, plus the masks).
+
+Written against Triton 3.9: ASTSource(fn, signature={name: type}, constexprs={name: value},
+attrs={(index,): [["tt.divisibility", 16]]}) and its get_ptxas(arch). It only needs to run
+on the machine that checks the table, not on every Triton the kernels support.
 """
 import argparse
 import os
@@ -25,6 +29,7 @@ os.environ["TRITON_INTERPRET"] = "0"  # kernels.triton_runtime then leaves the k
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia import compiler as nvidia_compiler  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from kernels import triton_attention  # noqa: E402
@@ -62,7 +67,7 @@ def signature(kernel, dtype: torch.dtype) -> tuple[dict, dict]:
 
 def resources(ptx: str, arch: int) -> dict:
     """Registers per thread and spilled bytes (stores), from `ptxas -v` on the kernel's PTX."""
-    ptxas = triton.backends.nvidia.compiler.get_ptxas(arch).path
+    ptxas = nvidia_compiler.get_ptxas(arch).path  # the one Triton itself uses for this arch
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
         with open(path, "w") as f:
@@ -84,6 +89,10 @@ def compile_one(arch: str, kernel_name: str, dtype: torch.dtype, head_dim: int, 
     compiled = triton.compile(src, target=GPUTarget("cuda", TARGETS[arch], 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     return {**resources(compiled.asm["ptx"], TARGETS[arch]), "smem": compiled.metadata.shared}
+
+
+def _any(value) -> str:
+    return "any" if value is None else str(value)
 
 
 def main(argv=None) -> int:
@@ -112,7 +121,7 @@ def main(argv=None) -> int:
                 w = worst.setdefault((arch, kernel_name), {"regs": 0, "spill": 0, "smem": 0})
                 for name in w:
                     w[name] = max(w[name], r[name])
-                print(f"{arch:8} {kernel_name:5} {dtype_class:8} {str(causal):6} {str(length):6} {head_dim:>4} "
+                print(f"{arch:8} {kernel_name:5} {dtype_class:8} {_any(causal):6} {_any(length):6} {head_dim:>4} "
                       f"{str(tuple(cfg)):16} {r['regs']:>4} {r['spill']:>5} {r['smem'] / 1024:>8.1f}  "
                       f"{'TOO BIG' if bad else 'ok'} ({time.time() - start:.0f} s)", flush=True)
     print("\nworst per kernel (regs, spill bytes, smem KiB):")

@@ -18,7 +18,9 @@ The rows are INITIAL AND UNMEASURED: nobody has timed them on a GPU yet. The sm9
 seeded from Triton's fused-attention tutorial (its Hopper forward configs: BLOCK_M 128,
 BLOCK_N 64, 4 warps, since 8 warps only pay off at 128x128 tiles; its backward configs:
 32x128 for dK/dV and 128x32 for dQ) and from the first choices of the autotune lists
-this table replaced; sm80 reuses them, "generic" shrinks them to 99 KiB of shared memory,
+this table replaced, then changed where `python -m kernels.compile_check` found them
+spilling registers (sm80 and "generic" too, compiled for sm_80 and sm_86); "generic" also
+shrinks them to 99 KiB of shared memory,
 float32 rows are small enough for every GPU. Measured winners replace them.
 
 GPT_KERNELS_AUTOTUNE=1 (kernels/triton_runtime.py) benchmarks `candidates(...)` once per
@@ -70,41 +72,50 @@ def _rows(**by_head_dim) -> dict[int, LaunchConfig]:
 
 
 # (kernel, dtype class, causal, length class) -> {head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)}
+# Where the tutorial's config spilled registers in `kernels.compile_check` (head dims 64 and up),
+# the row takes 8 warps or smaller tiles instead.
 _HOPPER = {
     ("fwd", "16-bit", ANY, ANY): _rows(d16=(128, 64, 4, 3), d32=(128, 64, 4, 3), d64=(128, 64, 4, 3),
-                                       d128=(128, 64, 4, 3), d256=(64, 32, 4, 2)),
-    ("dkdv", "16-bit", ANY, ANY): _rows(d16=(32, 128, 4, 5), d32=(32, 128, 4, 5), d64=(32, 128, 4, 5),
-                                        d128=(32, 128, 8, 3), d256=(32, 64, 8, 2)),
-    ("dq", "16-bit", ANY, ANY): _rows(d16=(128, 32, 4, 5), d32=(128, 32, 4, 5), d64=(128, 32, 4, 5),
-                                      d128=(128, 32, 8, 3), d256=(64, 32, 8, 2)),
+                                       d128=(128, 64, 8, 3), d256=(64, 32, 8, 2)),
+    ("dkdv", "16-bit", ANY, ANY): _rows(d16=(32, 128, 4, 5), d32=(32, 128, 4, 5), d64=(32, 128, 8, 3),
+                                        d128=(32, 64, 8, 2), d256=(32, 32, 8, 2)),
+    ("dq", "16-bit", ANY, ANY): _rows(d16=(128, 32, 4, 5), d32=(128, 32, 4, 5), d64=(128, 32, 8, 3),
+                                      d128=(64, 64, 4, 3), d256=(64, 32, 8, 2)),
 }
-_GENERIC = {  # the Hopper rows cut down to 99 KiB of shared memory
+_AMPERE = {  # the Hopper rows, except where they spill registers on sm_80 (no wgmma there)
+    ("fwd", "16-bit", ANY, ANY): _rows(d16=(128, 64, 4, 3), d32=(128, 64, 8, 3), d64=(128, 64, 4, 3),
+                                       d128=(64, 64, 4, 3), d256=(64, 32, 8, 2)),
+    ("dkdv", "16-bit", ANY, ANY): _HOPPER[("dkdv", "16-bit", ANY, ANY)],
+    ("dq", "16-bit", ANY, ANY): _rows(d16=(128, 32, 4, 5), d32=(128, 32, 4, 5), d64=(128, 32, 8, 3),
+                                      d128=(64, 32, 8, 2), d256=(64, 32, 8, 2)),
+}
+_GENERIC = {  # the Ampere rows cut down to 99 KiB of shared memory
     ("fwd", "16-bit", ANY, ANY): _rows(d16=(128, 64, 4, 3), d32=(128, 64, 4, 3), d64=(128, 64, 4, 3),
-                                       d128=(128, 64, 4, 2), d256=(64, 32, 4, 2)),
-    ("dkdv", "16-bit", ANY, ANY): _rows(d16=(32, 128, 4, 3), d32=(32, 128, 4, 3), d64=(32, 128, 4, 3),
-                                        d128=(32, 64, 4, 3), d256=(16, 32, 4, 2)),
-    ("dq", "16-bit", ANY, ANY): _rows(d16=(128, 32, 4, 3), d32=(128, 32, 4, 3), d64=(128, 32, 4, 3),
-                                      d128=(64, 32, 4, 3), d256=(32, 32, 4, 2)),
+                                       d128=(128, 64, 8, 2), d256=(64, 32, 8, 2)),
+    ("dkdv", "16-bit", ANY, ANY): _rows(d16=(32, 128, 4, 3), d32=(32, 128, 4, 3), d64=(32, 128, 8, 3),
+                                        d128=(32, 64, 8, 2), d256=(32, 32, 8, 2)),
+    ("dq", "16-bit", ANY, ANY): _rows(d16=(128, 32, 4, 3), d32=(128, 32, 4, 3), d64=(128, 32, 8, 3),
+                                      d128=(64, 32, 8, 2), d256=(32, 32, 8, 2)),
 }
 _EVERY_GPU = {
     # Decoding: a 128-row query tile would be almost all padding for q_len 1, so 16 rows
     # (the smallest a tl.dot takes) and wider key tiles.
     ("fwd", "16-bit", ANY, "decode"): _rows(d16=(16, 64, 4, 2), d32=(16, 64, 4, 2), d64=(16, 64, 4, 2),
-                                            d128=(16, 64, 4, 2), d256=(16, 32, 4, 2)),
-    ("fwd", "float32", ANY, "decode"): _rows(d16=(16, 32, 4, 2), d32=(16, 32, 4, 2), d64=(16, 32, 4, 2),
-                                             d128=(16, 32, 4, 2), d256=(16, 16, 4, 2)),
-    # float32 multiplies at full IEEE precision (no tensor-core speed to chase): tiles that
-    # fit 99 KiB everywhere.
-    ("fwd", "float32", ANY, ANY): _rows(d16=(64, 32, 4, 3), d32=(64, 32, 4, 3), d64=(64, 32, 4, 3),
-                                        d128=(64, 32, 4, 2), d256=(32, 32, 4, 1)),
-    ("dkdv", "float32", ANY, ANY): _rows(d16=(32, 64, 4, 3), d32=(32, 64, 4, 3), d64=(32, 64, 4, 3),
-                                         d128=(16, 64, 8, 2), d256=(16, 32, 4, 1)),
-    ("dq", "float32", ANY, ANY): _rows(d16=(64, 32, 4, 3), d32=(64, 32, 4, 3), d64=(64, 32, 4, 3),
-                                       d128=(64, 16, 4, 2), d256=(32, 16, 4, 1)),
+                                            d128=(16, 64, 4, 2), d256=(16, 32, 8, 2)),
+    ("fwd", "float32", ANY, "decode"): _rows(d16=(16, 32, 4, 2), d32=(16, 32, 4, 2), d64=(16, 64, 4, 2),
+                                             d128=(16, 16, 4, 2), d256=(16, 16, 4, 2)),
+    # float32 multiplies at full IEEE precision, without tensor cores: its tiles live in
+    # registers, so they are small (larger ones spill heavily), and fit 99 KiB everywhere.
+    ("fwd", "float32", ANY, ANY): _rows(d16=(64, 32, 4, 3), d32=(64, 32, 4, 3), d64=(32, 32, 4, 2),
+                                        d128=(16, 16, 4, 2), d256=(16, 16, 4, 2)),
+    ("dkdv", "float32", ANY, ANY): _rows(d16=(32, 64, 4, 3), d32=(32, 64, 8, 2), d64=(16, 32, 4, 2),
+                                         d128=(16, 16, 4, 2), d256=(16, 16, 8, 2)),
+    ("dq", "float32", ANY, ANY): _rows(d16=(64, 32, 8, 2), d32=(64, 32, 8, 2), d64=(64, 32, 8, 2),
+                                       d128=(16, 16, 4, 2), d256=(16, 16, 4, 2)),
 }
 TABLE = {
     "sm90": {**_HOPPER, **_EVERY_GPU},
-    "sm80": {**_HOPPER, **_EVERY_GPU},  # until measured: the Hopper rows, which fit 163 KiB
+    "sm80": {**_AMPERE, **_EVERY_GPU},
     "generic": {**_GENERIC, **_EVERY_GPU},
 }
 
