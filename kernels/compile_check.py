@@ -20,7 +20,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 
 if os.environ.get("TRITON_INTERPRET", "0") != "0":
     sys.exit("compile_check compiles for a real GPU: run it with TRITON_INTERPRET=0")
@@ -108,22 +107,21 @@ def main(argv=None) -> int:
         limit = SHARED_MEMORY[arch]
         for (kernel_name, dtype_class, causal, length), row in TABLE[arch].items():
             for head_dim, cfg in row.items():
-                start = time.time()
+                label = (f"{arch:8} {kernel_name:5} {dtype_class:8} {_any(causal):6} {_any(length):6} "
+                         f"{head_dim:>4} {str(tuple(cfg)):16}")
                 try:
                     r = compile_one(arch, kernel_name, DTYPES[dtype_class], head_dim, cfg)
                 except Exception as err:  # report every failing config, not just the first
                     failures += 1
-                    print(f"{arch:8} {kernel_name:5} {dtype_class:8} {head_dim:>4} {tuple(cfg)}  FAILED: "
-                          f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}")
+                    print(f"{label} FAILED: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}")
                     continue
                 bad = r["spill"] > SPILL_LIMIT or r["smem"] > limit
                 failures += bad
                 w = worst.setdefault((arch, kernel_name), {"regs": 0, "spill": 0, "smem": 0})
                 for name in w:
                     w[name] = max(w[name], r[name])
-                print(f"{arch:8} {kernel_name:5} {dtype_class:8} {_any(causal):6} {_any(length):6} {head_dim:>4} "
-                      f"{str(tuple(cfg)):16} {r['regs']:>4} {r['spill']:>5} {r['smem'] / 1024:>8.1f}  "
-                      f"{'TOO BIG' if bad else 'ok'} ({time.time() - start:.0f} s)", flush=True)
+                print(f"{label} {r['regs']:>4} {r['spill']:>5} {r['smem'] / 1024:>8.1f}  {'TOO BIG' if bad else 'ok'}",
+                      flush=True)
     print("\nworst per kernel (regs, spill bytes, smem KiB):")
     for (arch, kernel_name), w in worst.items():
         print(f"  {arch:8} {kernel_name:5} {w['regs']:>4} {w['spill']:>5} {w['smem'] / 1024:>7.1f}")

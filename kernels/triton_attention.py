@@ -560,7 +560,8 @@ class _Plan:
     def backward(self) -> tuple[_Launch, _Launch, _Launch]:
         """The preprocess, dK/dV and dQ launches."""
         B, H, Tq, D = self.q_shape
-        preprocess = _Launch((triton.cdiv(Tq, _PREPROCESS_BLOCK_M), B * H), dict(HEAD_DIM=D, BLOCK_M=_PREPROCESS_BLOCK_M))
+        preprocess = _Launch((triton.cdiv(Tq, _PREPROCESS_BLOCK_M), B * H),
+                             {"HEAD_DIM": D, "BLOCK_M": _PREPROCESS_BLOCK_M})
         return preprocess, self._launch("dkdv", self._config("dkdv")), self._launch("dq", self._config("dq"))
 
     def _launch(self, kernel: str, cfg: LaunchConfig) -> _Launch:

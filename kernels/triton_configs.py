@@ -188,7 +188,8 @@ def problems(kernel: str, cfg: LaunchConfig, head_dim: int, dtype_class: str, ar
     return found
 
 
-def candidates(arch: str, kernel: str, dtype_class: str, causal: bool, length: str, head_dim: int) -> list[LaunchConfig]:
+def candidates(arch: str, kernel: str, dtype_class: str, causal: bool, length: str,
+               head_dim: int) -> list[LaunchConfig]:
     """What GPT_KERNELS_AUTOTUNE=1 benchmarks: the table's config first, then every fitting variant."""
     block_ms, block_ns = {"fwd": ((128, 64), (64, 128, 32)),
                           "dkdv": ((32, 64), (128, 64)),
