@@ -65,7 +65,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _tile(base, rows, stride_row, cols, stride_col):
-    """Pointers to the (len(rows), len(cols)) tile at base[rows, cols] of a strided matrix."""
+    """Pointers to the (len(rows), len(cols)) tile at base[rows, cols] of a strided matrix.
+
+    The loops call this afresh for every block instead of advancing a tile of pointers made
+    before the loop: such a tile (64-bit each) stays live in registers across the loop, and
+    at head dim 64 and up that made the kernels spill (kernels/compile_check.py measures it).
+    """
     return base + rows[:, None] * stride_row + cols[None, :] * stride_col
 
 
