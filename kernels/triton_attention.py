@@ -23,24 +23,36 @@ or a sequence end pay for masking.
 Scores are scaled into base 2 (scale * log2(e)) so the kernels use exp2, which maps to
 one hardware instruction.
 
+Launching: block sizes, warps and stages come from the committed table in
+kernels/triton_configs.py (no autotuning unless GPT_KERNELS_AUTOTUNE=1). Everything a
+launch needs besides the tensors (configs, grids, constexprs) is worked out once per input
+signature (a _Plan) and cached, so an eager call costs a dictionary lookup and the launches.
+The kernels do not specialize on the sequence lengths, so a growing KV cache never recompiles.
+
+Eager calls go through a torch.autograd.Function. Under torch.compile the same launchers
+run inside torch.library custom ops (gpt_kernels::flash_attn_fwd, gpt_kernels::flash_attn_bwd)
+with fake implementations and autograd, which torch.compile traces without graph breaks.
+
 Without CUDA the kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1, set up
 by kernels/triton_runtime.py), which accepts CPU tensors: correct, and very slow, for tests.
-
-The kernels are registered as torch.library custom ops (gpt_kernels::flash_attn_fwd,
-gpt_kernels::flash_attn_bwd) with fake implementations and autograd, so torch.compile
-traces them without graph breaks.
 """
+import functools
 import math
-import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 
-from .triton_runtime import INTERPRET  # first: without CUDA it switches Triton to its interpreter
+from . import triton_runtime  # first: without CUDA it switches Triton to its interpreter
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from . import triton_configs  # noqa: E402
 from .checks import check_attention_inputs  # noqa: E402
+from .triton_configs import LaunchConfig  # noqa: E402
+from .triton_runtime import INTERPRET  # noqa: E402
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -49,6 +61,17 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ---------------------------------------------------------------------------------------
 # Small helpers shared by all kernels
 # ---------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile(base, rows, stride_row, cols, stride_col):
+    """Pointers to the (len(rows), len(cols)) tile at base[rows, cols] of a strided matrix.
+
+    The loops call this afresh for every block instead of advancing a tile of pointers made
+    before the loop: such a tile (64-bit each) stays live in registers across the loop, and
+    at head dim 64 and up that made the kernels spill (kernels/compile_check.py measures it).
+    """
+    return base + rows[:, None] * stride_row + cols[None, :] * stride_col
 
 
 @triton.jit
@@ -144,8 +167,8 @@ def _query_ranges(start_n, N_Q, N_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,  # running state: (BLOCK_M, HEAD_DIM) f32, (BLOCK_M,) f32 x2; q (BLOCK_M, HEAD_DIM)
-    k_ptrs, v_ptrs, stride_kn, stride_vn,  # pointers to keys/values 0..BLOCK_N-1, (BLOCK_N, HEAD_DIM)
-    offs_m, lo, hi, N_K, diag, qk_scale,
+    K, V, stride_kn, stride_kd, stride_vn, stride_vd,  # this (batch, head)'s keys and values
+    offs_m, offs_d, lo, hi, N_K, diag, qk_scale,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     """Fold key blocks [lo, hi) into the online softmax of one query block."""
@@ -154,8 +177,8 @@ def _attn_fwd_inner(
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
         in_k = offs_n[:, None] < N_K
-        k = _load(k_ptrs + start_n * stride_kn, in_k, MASKED)  # (BLOCK_N, HEAD_DIM)
-        v = _load(v_ptrs + start_n * stride_vn, in_k, MASKED)  # (BLOCK_N, HEAD_DIM)
+        k = _load(_tile(K, offs_n, stride_kn, offs_d, stride_kd), in_k, MASKED)  # (BLOCK_N, HEAD_DIM)
+        v = _load(_tile(V, offs_n, stride_vn, offs_d, stride_vd), in_k, MASKED)  # (BLOCK_N, HEAD_DIM)
         qk = _dot(q, tl.trans(k), FP32_DOT)  # (BLOCK_M, BLOCK_N) raw scores
         if MASKED:
             qk = tl.where(_visible(offs_m[:, None], offs_n[None, :], N_K, diag, CAUSAL), qk * qk_scale, float("-inf"))
@@ -174,14 +197,14 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_Q", "N_K"])  # lengths change every decoding step: never recompile
 def _attn_fwd(
     Q, K, V, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, N_Q, N_K, Q_BUCKET, K_BUCKET,  # the buckets only key the autotuner
+    H, N_Q, N_K,
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -189,19 +212,20 @@ def _attn_fwd(
     # grid: (cdiv(Tq, BLOCK_M), B * H)
     start_m = tl.program_id(0)
     off_hb = tl.program_id(1)
+    # Point every base pointer at this program's (batch, head): below, only rows and columns.
     off_b = (off_hb // H).to(tl.int64)  # int64: batch offsets can pass 2**31 elements
     off_h = (off_hb % H).to(tl.int64)
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    Out += off_b * stride_ob + off_h * stride_oh
+    Lse += off_hb.to(tl.int64) * N_Q
 
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m[:, None] < N_Q
     # Rows past Tq load zeros and compute harmless values that are never stored.
-    q = tl.load(q_ptrs, mask=in_q, other=0.0)  # (BLOCK_M, HEAD_DIM), stays on chip
-
+    q = tl.load(_tile(Q, offs_m, stride_qm, offs_d, stride_qd), mask=in_q, other=0.0)  # (BLOCK_M, HEAD_DIM)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base-2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # running unnormalized output
@@ -210,20 +234,19 @@ def _attn_fwd(
     diag = N_K - N_Q
     # Phase 1: key blocks every row sees in full, no mask. Phase 2: the blocks crossing
     # the causal diagonal or the end of the keys. Blocks after `end` are skipped.
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
-                                    offs_m, 0, full_end, N_K, diag, qk_scale,
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                    offs_m, offs_d, 0, full_end, N_K, diag, qk_scale,
                                     BLOCK_N, CAUSAL, False, FP32_DOT)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn,
-                                    offs_m, full_end, end, N_K, diag, qk_scale,
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                    offs_m, offs_d, full_end, end, N_K, diag, qk_scale,
                                     BLOCK_N, CAUSAL, True, FP32_DOT)
 
     acc = acc / l_i[:, None]
     # Base-2 LSE, kept in the units the backward uses: converting to natural log and back
     # would add two roundings, and at large logits each costs accuracy in the gradients.
     lse = m_i + tl.math.log2(l_i)
-    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=in_q)
-    tl.store(Lse + off_hb.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
+    tl.store(_tile(Out, offs_m, stride_om, offs_d, stride_od), acc.to(Out.dtype.element_ty), mask=in_q)
+    tl.store(Lse + offs_m, lse, mask=offs_m < N_Q)
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,7 +265,7 @@ def _attn_fwd(
 # the usual limit of FlashAttention-style backward passes.
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_Q"])
 def _attn_bwd_preprocess(
     O, DO, Delta,
     stride_ob, stride_oh, stride_om, stride_od,
@@ -255,23 +278,25 @@ def _attn_bwd_preprocess(
     off_hb = tl.program_id(1)
     off_b = (off_hb // H).to(tl.int64)
     off_h = (off_hb % H).to(tl.int64)
+    O += off_b * stride_ob + off_h * stride_oh
+    DO += off_b * stride_dob + off_h * stride_doh
+    Delta += off_hb.to(tl.int64) * N_Q
+
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     in_q = offs_m[:, None] < N_Q
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                mask=in_q, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=in_q, other=0.0)
+    o = tl.load(_tile(O, offs_m, stride_om, offs_d, stride_od), mask=in_q, other=0.0)
+    do = tl.load(_tile(DO, offs_m, stride_dom, offs_d, stride_dod), mask=in_q, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # (BLOCK_M,)
-    tl.store(Delta + off_hb.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
+    tl.store(Delta + offs_m, delta, mask=offs_m < N_Q)
 
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,  # (BLOCK_N, HEAD_DIM): f32 accumulators, and this program's keys/values
-    q_ptrs, do_ptrs, stride_qm, stride_dom,  # pointers to query rows 0..BLOCK_M-1
+    Q, DO, stride_qm, stride_qd, stride_dom, stride_dod,  # this (batch, head)'s queries and dO
     Lse, Delta,  # this (batch, head)'s rows of the (B, H, Tq) float32 base-2 LSE and delta
-    offs_n, lo, hi, N_Q, N_K, diag, qk_scale,
+    offs_n, offs_d, lo, hi, N_Q, N_K, diag, qk_scale,
     BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     """Accumulate dK, dV of one key block over query blocks [lo, hi).
@@ -284,8 +309,8 @@ def _attn_bwd_dkdv_inner(
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + offs_m0
         in_q = offs_m < N_Q
-        q = _load(q_ptrs + start_m * stride_qm, in_q[:, None], MASKED)  # (BLOCK_M, HEAD_DIM)
-        do = _load(do_ptrs + start_m * stride_dom, in_q[:, None], MASKED)  # (BLOCK_M, HEAD_DIM)
+        q = _load(_tile(Q, offs_m, stride_qm, offs_d, stride_qd), in_q[:, None], MASKED)  # (BLOCK_M, HEAD_DIM)
+        do = _load(_tile(DO, offs_m, stride_dom, offs_d, stride_dod), in_q[:, None], MASKED)  # (BLOCK_M, HEAD_DIM)
         lse2 = _load(Lse + offs_m, in_q, MASKED)  # (BLOCK_M,)
         delta = _load(Delta + offs_m, in_q, MASKED)  # (BLOCK_M,)
 
@@ -303,7 +328,7 @@ def _attn_bwd_dkdv_inner(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_Q", "N_K"])
 def _attn_bwd_dkdv(
     Q, K, V, DO, DK, DV, Lse, Delta,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -312,7 +337,7 @@ def _attn_bwd_dkdv(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, N_Q, N_K, Q_BUCKET, K_BUCKET, sm_scale, qk_scale,
+    H, N_Q, N_K, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -321,47 +346,46 @@ def _attn_bwd_dkdv(
     off_hb = tl.program_id(1)
     off_b = (off_hb // H).to(tl.int64)
     off_h = (off_hb % H).to(tl.int64)
-    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-
-    in_k = offs_n[:, None] < N_K
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=in_k, other=0.0)  # (BLOCK_N, HEAD_DIM)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=in_k, other=0.0)  # (BLOCK_N, HEAD_DIM)
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    do_ptrs = DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
-    Lse += off_hb.to(tl.int64) * N_Q
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    DO += off_b * stride_dob + off_h * stride_doh
+    DK += off_b * stride_dkb + off_h * stride_dkh
+    DV += off_b * stride_dvb + off_h * stride_dvh
+    Lse += off_hb.to(tl.int64) * N_Q  # this (batch, head)'s rows of the (B, H, Tq) float32 LSE and delta
     Delta += off_hb.to(tl.int64) * N_Q
+
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_k = offs_n[:, None] < N_K
+    k = tl.load(_tile(K, offs_n, stride_kn, offs_d, stride_kd), mask=in_k, other=0.0)  # (BLOCK_N, HEAD_DIM)
+    v = tl.load(_tile(V, offs_n, stride_vn, offs_d, stride_vd), mask=in_k, other=0.0)  # (BLOCK_N, HEAD_DIM)
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     diag = N_K - N_Q
     lo, full_lo, full_hi, end = _query_ranges(start_n, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
     # Query blocks before `lo` cannot see any of these keys and are skipped.
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qm, stride_dom, Lse, Delta,
-                                  offs_n, lo, full_lo, N_Q, N_K, diag, qk_scale,
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, stride_qm, stride_qd, stride_dom, stride_dod,
+                                  Lse, Delta, offs_n, offs_d, lo, full_lo, N_Q, N_K, diag, qk_scale,
                                   BLOCK_M, CAUSAL, True, FP32_DOT)  # crossing the diagonal
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qm, stride_dom, Lse, Delta,
-                                  offs_n, full_lo, full_hi, N_Q, N_K, diag, qk_scale,
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, stride_qm, stride_qd, stride_dom, stride_dod,
+                                  Lse, Delta, offs_n, offs_d, full_lo, full_hi, N_Q, N_K, diag, qk_scale,
                                   BLOCK_M, CAUSAL, False, FP32_DOT)  # fully visible
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, stride_qm, stride_dom, Lse, Delta,
-                                  offs_n, full_hi, end, N_Q, N_K, diag, qk_scale,
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, stride_qm, stride_qd, stride_dom, stride_dod,
+                                  Lse, Delta, offs_n, offs_d, full_hi, end, N_Q, N_K, diag, qk_scale,
                                   BLOCK_M, CAUSAL, True, FP32_DOT)  # ragged end of Tq or Tk
 
     dk *= sm_scale
-    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn
-             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=in_k)
-    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn
-             + offs_d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), mask=in_k)
+    tl.store(_tile(DK, offs_n, stride_dkn, offs_d, stride_dkd), dk.to(DK.dtype.element_ty), mask=in_k)
+    tl.store(_tile(DV, offs_n, stride_dvn, offs_d, stride_dvd), dv.to(DV.dtype.element_ty), mask=in_k)
 
 
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse2, delta,  # dq (BLOCK_M, HEAD_DIM) f32; q, do (BLOCK_M, HEAD_DIM); lse2, delta (BLOCK_M,)
-    k_ptrs, v_ptrs, stride_kn, stride_vn,  # pointers to keys/values 0..BLOCK_N-1
-    offs_m, lo, hi, N_K, diag, qk_scale,
+    K, V, stride_kn, stride_kd, stride_vn, stride_vd,  # this (batch, head)'s keys and values
+    offs_m, offs_d, lo, hi, N_K, diag, qk_scale,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     """Accumulate dQ of one query block over key blocks [lo, hi)."""
@@ -370,8 +394,8 @@ def _attn_bwd_dq_inner(
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
         in_k = offs_n[:, None] < N_K
-        k = _load(k_ptrs + start_n * stride_kn, in_k, MASKED)  # (BLOCK_N, HEAD_DIM)
-        v = _load(v_ptrs + start_n * stride_vn, in_k, MASKED)  # (BLOCK_N, HEAD_DIM)
+        k = _load(_tile(K, offs_n, stride_kn, offs_d, stride_kd), in_k, MASKED)  # (BLOCK_N, HEAD_DIM)
+        v = _load(_tile(V, offs_n, stride_vn, offs_d, stride_vd), in_k, MASKED)  # (BLOCK_N, HEAD_DIM)
         qk = _dot(q, tl.trans(k), FP32_DOT)  # (BLOCK_M, BLOCK_N)
         logits = qk * qk_scale - lse2[:, None]
         if MASKED:
@@ -383,7 +407,7 @@ def _attn_bwd_dq_inner(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_Q", "N_K"])
 def _attn_bwd_dq(
     Q, K, V, DO, DQ, Lse, Delta,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -391,7 +415,7 @@ def _attn_bwd_dq(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, N_Q, N_K, Q_BUCKET, K_BUCKET, sm_scale, qk_scale,
+    H, N_Q, N_K, sm_scale, qk_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -400,139 +424,224 @@ def _attn_bwd_dq(
     off_hb = tl.program_id(1)
     off_b = (off_hb // H).to(tl.int64)
     off_h = (off_hb % H).to(tl.int64)
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    DO += off_b * stride_dob + off_h * stride_doh
+    DQ += off_b * stride_dqb + off_h * stride_dqh
+    Lse += off_hb.to(tl.int64) * N_Q
+    Delta += off_hb.to(tl.int64) * N_Q
 
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
     # Rows past Tq load zeros (LSE and delta too) and produce finite values never stored.
     in_q = offs_m < N_Q
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=in_q[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=in_q[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
-    row = off_hb.to(tl.int64) * N_Q + offs_m
-    lse2 = tl.load(Lse + row, mask=in_q, other=0.0)  # (BLOCK_M,)
-    delta = tl.load(Delta + row, mask=in_q, other=0.0)  # (BLOCK_M,)
-    k_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    q = tl.load(_tile(Q, offs_m, stride_qm, offs_d, stride_qd), mask=in_q[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
+    do = tl.load(_tile(DO, offs_m, stride_dom, offs_d, stride_dod), mask=in_q[:, None], other=0.0)
+    lse2 = tl.load(Lse + offs_m, mask=in_q, other=0.0)  # (BLOCK_M,)
+    delta = tl.load(Delta + offs_m, mask=in_q, other=0.0)  # (BLOCK_M,)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     full_end, end = _key_ranges(start_m, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
     diag = N_K - N_Q
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
-                            offs_m, 0, full_end, N_K, diag, qk_scale,
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                            offs_m, offs_d, 0, full_end, N_K, diag, qk_scale,
                             BLOCK_N, CAUSAL, False, FP32_DOT)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kn, stride_vn,
-                            offs_m, full_end, end, N_K, diag, qk_scale,
+    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                            offs_m, offs_d, full_end, end, N_K, diag, qk_scale,
                             BLOCK_N, CAUSAL, True, FP32_DOT)
 
     dq *= sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm
-             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=in_q[:, None])
+    tl.store(_tile(DQ, offs_m, stride_dqm, offs_d, stride_dqd), dq.to(DQ.dtype.element_ty), mask=in_q[:, None])
 
 
 # ---------------------------------------------------------------------------------------
-# Autotuning
+# Launchers: one kernel launch each, given its tensors and its _Launch
 # ---------------------------------------------------------------------------------------
-#
-# Every kernel only writes its outputs (no accumulation into memory), so re-running it
-# during autotuning cannot corrupt results. The autotuner is keyed on the head dim,
-# causal flag and power-of-two buckets of the sequence lengths (not the lengths
-# themselves, or decoding would re-tune at every new token); it adds the dtypes itself.
-#
-# The CUDA configs are listed best guess first. GPT_KERNELS_AUTOTUNE=0 (read at each
-# new tuning key) keeps only the first one that fits, without benchmarking: tuning
-# every shape of a test suite would take many minutes.
 
-_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "Q_BUCKET", "K_BUCKET"]
-
-# Under the interpreter: one small fixed config each, so tests stay fast. Query and key
-# blocks differ on purpose, so both orders of BLOCK_M vs BLOCK_N get exercised.
-_INTERPRET_CONFIGS = {
-    "fwd": triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}),
-    "dkdv": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
-    "dq": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}),
-}
+LOG2E = math.log2(math.e)
 _PREPROCESS_BLOCK_M = 32 if INTERPRET else 128
 
 
-def _cuda_configs(block_ms, block_ns, warps=(8, 4), stages=(3, 4, 2)):
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m in block_ms for n in block_ns for w in warps for s in stages
-    ]
+class _Launch(NamedTuple):
+    """One kernel launch minus its tensors: kernel[grid](tensors, strides, sizes, **meta)."""
+
+    grid: tuple[int, int]
+    meta: dict  # constexprs (HEAD_DIM, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N), num_warps, num_stages
 
 
-def _max_shared_memory(device) -> int:
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+def _run_fwd(q, k, v, out, lse, scale, launch: _Launch):
+    _attn_fwd[launch.grid](q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                           q.shape[1], q.shape[2], k.shape[2], scale * LOG2E, **launch.meta)
 
 
-def _pruner(resident, streamed, accumulators):
-    """Build an early_config_prune that drops configs that would not fit the GPU.
+def _run_preprocess(out, do, delta, launch: _Launch):
+    _attn_bwd_preprocess[launch.grid](out, do, delta, *out.stride(), *do.stride(), out.shape[1], out.shape[2],
+                                      **launch.meta)
 
-    Each argument maps a config's block sizes to a number of HEAD_DIM-wide rows:
-    resident  tiles held for the whole program (staged in shared memory for the dots),
-    streamed  tiles loaded per loop step (buffered num_stages deep in shared memory),
-    accumulators  float32 accumulator rows held in registers.
-    The estimates are rough: they prune what clearly spills or cannot launch (head dim
-    256 above all), and the autotuner's benchmark decides among the rest.
+
+def _run_dkdv(q, k, v, do, dk, dv, lse, delta, scale, launch: _Launch):
+    _attn_bwd_dkdv[launch.grid](q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(),
+                                *do.stride(), *dk.stride(), *dv.stride(),
+                                q.shape[1], q.shape[2], k.shape[2], scale, scale * LOG2E, **launch.meta)
+
+
+def _run_dq(q, k, v, do, dq, lse, delta, scale, launch: _Launch):
+    _attn_bwd_dq[launch.grid](q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(),
+                              *do.stride(), *dq.stride(),
+                              q.shape[1], q.shape[2], k.shape[2], scale, scale * LOG2E, **launch.meta)
+
+
+def _empty(shape, dtype, device, nan_fill: bool) -> torch.Tensor:
+    """torch.empty, or NaN-filled (Switches.nan_fill) so that tests catch unwritten tiles."""
+    if nan_fill:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _forward(q, k, v, scale: float, plan: "_Plan"):
+    """Launch the forward kernel; returns out (B, H, Tq, D) and base-2 lse (B, H, Tq) float32."""
+    B, H, Tq, D = q.shape
+    nan_fill = plan.switches.nan_fill
+    out = _empty((B, H, Tq, D), q.dtype, q.device, nan_fill)
+    lse = _empty((B, H, Tq), torch.float32, q.device, nan_fill)
+    if out.numel():
+        _run_fwd(q, k, v, out, lse, scale, plan.forward)
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, scale: float, plan: "_Plan"):
+    """Launch the three backward kernels; returns dq, dk, dv shaped like q, k, v."""
+    B, H, Tq, _ = q.shape
+    nan_fill = plan.switches.nan_fill
+    dq = _empty(q.shape, q.dtype, q.device, nan_fill)
+    dk = _empty(k.shape, k.dtype, k.device, nan_fill)
+    dv = _empty(v.shape, v.dtype, v.device, nan_fill)
+    if B * H == 0:
+        return dq, dk, dv
+    preprocess, dkdv, dq_launch = plan.backward
+    delta = _empty((B, H, Tq), torch.float32, q.device, nan_fill)
+    if Tq > 0:
+        _run_preprocess(out, do, delta, preprocess)
+    _run_dkdv(q, k, v, do, dk, dv, lse, delta, scale, dkdv)  # also when Tq == 0: it writes the zero gradients
+    if Tq > 0:
+        _run_dq(q, k, v, do, dq, lse, delta, scale, dq_launch)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------
+# Plans: the launch parameters of one input signature, worked out once
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Plan:
+    """How to launch the kernels for one input signature (shapes, dtype, device, causal).
+
+    The forward's launch is worked out at the first forward, the backward's at the first
+    backward (so inference never tunes a backward kernel), then kept.
+    configs: explicit LaunchConfigs per kernel (tests); None takes them from the table in
+    kernels/triton_configs.py, or from the tuner when switches.autotune is on.
     """
 
-    def prune(configs, named_args, **kwargs):
-        q = named_args["Q"]
-        head_dim, elem = q.shape[-1], q.element_size()
-        smem = _max_shared_memory(q.device)
-        kept = []
-        for cfg in configs:
-            meta = cfg.kwargs
-            shared = elem * head_dim * (resident(meta) + streamed(meta) * cfg.num_stages)
-            threads = 32 * cfg.num_warps
-            acc_regs = accumulators(meta) * head_dim // threads
-            score_regs = meta["BLOCK_M"] * meta["BLOCK_N"] // threads  # the float32 score tile
-            if shared <= smem and acc_regs <= 128 and score_regs <= 64:
-                kept.append(cfg)
-        if not kept:  # nothing fits (float32 at head dim 256): small, unpipelined blocks
-            kept = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-        return kept[:1] if os.environ.get("GPT_KERNELS_AUTOTUNE") == "0" else kept
+    q_shape: torch.Size  # (B, H, Tq, D)
+    kv_len: int
+    dtype: torch.dtype
+    device: torch.device
+    causal: bool
+    switches: triton_runtime.Switches
+    configs: dict[str, LaunchConfig] | None = None
 
-    return prune
+    @property
+    def length_class(self) -> str:
+        """The config class of q_len: "decode" (<= 16), "short", "medium" or "long"."""
+        return triton_configs.length_class(self.q_shape[2])
+
+    @functools.cached_property
+    def forward(self) -> _Launch:
+        return self._launch("fwd", self._config("fwd"))
+
+    @functools.cached_property
+    def backward(self) -> tuple[_Launch, _Launch, _Launch]:
+        """The preprocess, dK/dV and dQ launches."""
+        B, H, Tq, D = self.q_shape
+        preprocess = _Launch((triton.cdiv(Tq, _PREPROCESS_BLOCK_M), B * H),
+                             {"HEAD_DIM": D, "BLOCK_M": _PREPROCESS_BLOCK_M})
+        return preprocess, self._launch("dkdv", self._config("dkdv")), self._launch("dq", self._config("dq"))
+
+    def _launch(self, kernel: str, cfg: LaunchConfig) -> _Launch:
+        B, H, Tq, D = self.q_shape
+        # fwd and dq: one program per query block; dkdv: one per key block.
+        blocks = triton.cdiv(self.kv_len, cfg.block_n) if kernel == "dkdv" else triton.cdiv(Tq, cfg.block_m)
+        # FP32_DOT: see _dot; float32 inputs, and the interpreter's broken bfloat16 dot.
+        meta = dict(HEAD_DIM=D, CAUSAL=self.causal, FP32_DOT=INTERPRET or self.dtype == torch.float32,
+                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return _Launch((blocks, B * H), meta)
+
+    def _table_config(self, kernel: str) -> tuple[str, LaunchConfig]:
+        """The architecture and the committed config (the interpreter's own, without a GPU)."""
+        if INTERPRET:
+            return "interpreter", triton_configs.INTERPRETER_CONFIGS[kernel]
+        arch = triton_configs.arch_of(torch.cuda.get_device_capability(self.device))
+        dtype_class = triton_configs.DTYPE_CLASSES[self.dtype]
+        return arch, triton_configs.table_config(arch, kernel, dtype_class, self.causal, self.length_class,
+                                                 self.q_shape[3])
+
+    def _config(self, kernel: str) -> LaunchConfig:
+        if self.configs is not None:
+            return self.configs[kernel]
+        arch, table_config = self._table_config(kernel)
+        if not self.switches.autotune:
+            return table_config
+        head_dim, dtype_class, length = self.q_shape[3], triton_configs.DTYPE_CLASSES[self.dtype], self.length_class
+        configs = [table_config] if INTERPRET else triton_configs.candidates(
+            arch, kernel, dtype_class, self.causal, length, head_dim)
+        key = f"{arch}/{kernel}/{str(self.dtype).removeprefix('torch.')}/d{head_dim}/" \
+              f"{'causal' if self.causal else 'full'}/{length}"
+        device_name = "interpreter" if INTERPRET else torch.cuda.get_device_name(self.device)
+        examples = functools.cache(self._examples)  # made only if the tuner benchmarks
+        return _tuned_configs(self.switches.tuning_dir, device_name).winner(
+            key, configs, lambda cfg: self._run_alone(kernel, self._launch(kernel, cfg), examples()))
+
+    def _examples(self) -> SimpleNamespace:
+        """Random inputs of this signature, the forward's outputs and gradient buffers: what the tuner times on."""
+        B, H, Tq, D = self.q_shape
+        e = SimpleNamespace(scale=D**-0.5, q=torch.randn(self.q_shape, dtype=self.dtype, device=self.device))
+        e.k, e.v = (torch.randn(B, H, self.kv_len, D, dtype=self.dtype, device=self.device) for _ in range(2))
+        e.out, e.lse = torch.empty_like(e.q), torch.empty(B, H, Tq, device=self.device)
+        # (With the table's forward config: the forward's own may be what is being tuned.)
+        self._run_alone("fwd", self._launch("fwd", self._table_config("fwd")[1]), e)
+        e.do, e.dq, e.dk, e.dv = (torch.randn_like(t) for t in (e.q, e.q, e.k, e.v))
+        e.delta = (e.out.float() * e.do.float()).sum(-1)  # what _attn_bwd_preprocess computes
+        return e
+
+    @staticmethod
+    def _run_alone(kernel: str, launch: _Launch, e: SimpleNamespace) -> None:
+        """One launch of `kernel` on the examples (every kernel only writes its outputs: safe to repeat)."""
+        if kernel == "fwd":
+            _run_fwd(e.q, e.k, e.v, e.out, e.lse, e.scale, launch)
+        elif kernel == "dkdv":
+            _run_dkdv(e.q, e.k, e.v, e.do, e.dk, e.dv, e.lse, e.delta, e.scale, launch)
+        else:
+            _run_dq(e.q, e.k, e.v, e.do, e.dq, e.lse, e.delta, e.scale, launch)
 
 
-def _autotune(name, cuda_configs, prune):
-    if INTERPRET:
-        return triton.autotune(configs=[_INTERPRET_CONFIGS[name]], key=_TUNE_KEY)
-    return triton.autotune(configs=cuda_configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune})
+@functools.cache
+def _tuned_configs(directory, device_name: str) -> triton_configs.TunedConfigs:
+    return triton_configs.TunedConfigs(triton_configs.tuning_file(directory, device_name, triton.__version__))
 
 
-# forward: q resident; k, v streamed; acc is BLOCK_M rows.
-_attn_fwd_tuned = _autotune(
-    "fwd",
-    _cuda_configs((128, 64), (64, 128, 32)),
-    _pruner(lambda m: m["BLOCK_M"], lambda m: 2 * m["BLOCK_N"], lambda m: m["BLOCK_M"]),
-)(_attn_fwd)
-# dK/dV: k, v resident; q, dO streamed; dk and dv are 2 * BLOCK_N rows.
-_attn_bwd_dkdv_tuned = _autotune(
-    "dkdv",
-    _cuda_configs((32, 64), (128, 64), stages=(3, 2)),
-    _pruner(lambda m: 2 * m["BLOCK_N"], lambda m: 2 * m["BLOCK_M"], lambda m: 2 * m["BLOCK_N"]),
-)(_attn_bwd_dkdv)
-# dQ: q, dO resident; k, v streamed; dq is BLOCK_M rows.
-_attn_bwd_dq_tuned = _autotune(
-    "dq",
-    _cuda_configs((128, 64), (32, 64), stages=(3, 2)),
-    _pruner(lambda m: 2 * m["BLOCK_M"], lambda m: 2 * m["BLOCK_N"], lambda m: m["BLOCK_M"]),
-)(_attn_bwd_dq)
+SUPPORTED_HEAD_DIMS = triton_configs.HEAD_DIMS
+SUPPORTED_DTYPES = tuple(triton_configs.DTYPE_CLASSES)
+_MAX_PLANS = 4096  # decoding adds one signature per kv length
+_PLANS: dict[tuple, _Plan] = {}  # a cache: each plan is a pure function of its key
 
 
-# ---------------------------------------------------------------------------------------
-# Launchers
-# ---------------------------------------------------------------------------------------
+def _check_supported(q: torch.Tensor, k: torch.Tensor) -> None:
+    """Raise ValueError for inputs these kernels cannot take.
 
-
-def _check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> None:
-    """Raise ValueError for inputs these kernels cannot take (after the shared checks)."""
-    check_attention_inputs(q, k, v, causal)
+    Only what is special to these kernels: the shared checks (kernels/checks.py) are not repeated.
+    """
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         raise ValueError(
             f"triton attention supports head_dim in {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}; "
@@ -552,77 +661,47 @@ def _check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
         raise ValueError("triton attention needs kv_len >= 1")
 
 
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """torch.empty, or NaN-filled when GPT_KERNELS_NAN_FILL=1 so tests catch unwritten tiles."""
-    if os.environ.get("GPT_KERNELS_NAN_FILL") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _bucket(n: int) -> int:
-    return triton.next_power_of_2(n)
-
-
-def _fp32_dot(dtype: torch.dtype) -> bool:
-    return INTERPRET or dtype == torch.float32
-
-
-def _launch(kernel, grid, args, meta, config):
-    """Run an autotuned kernel, or, given an explicit config dict (tests), the bare kernel."""
-    if config is None:
-        kernel[grid](*args, **meta)
-    else:
-        kernel.fn[grid](*args, **meta, **config)
-
-
-def _forward(q, k, v, causal: bool, scale: float, config: dict | None = None):
-    """Launch the forward kernel; returns out (B, H, Tq, D) and base-2 lse (B, H, Tq) float32."""
-    B, H, Tq, D = q.shape
-    Tk = k.shape[2]
-    out = _empty((B, H, Tq, D), q.dtype, q.device)
-    lse = _empty((B, H, Tq), torch.float32, q.device)
-    if out.numel() == 0:
-        return out, lse
-    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            H, Tq, Tk, _bucket(Tq), _bucket(Tk), scale * math.log2(math.e))
-    meta = dict(HEAD_DIM=D, CAUSAL=causal, FP32_DOT=_fp32_dot(q.dtype))
-    _launch(_attn_fwd_tuned, grid, args, meta, config)
-    return out, lse
-
-
-def _backward(do, q, k, v, out, lse, causal: bool, scale: float,
-              dkdv_config: dict | None = None, dq_config: dict | None = None):
-    """Launch the three backward kernels; returns dq, dk, dv shaped like q, k, v."""
-    B, H, Tq, D = q.shape
-    Tk = k.shape[2]
-    dq = _empty(q.shape, q.dtype, q.device)
-    dk = _empty(k.shape, k.dtype, k.device)
-    dv = _empty(v.shape, v.dtype, v.device)
-    if B * H == 0:
-        return dq, dk, dv
-    delta = _empty((B, H, Tq), torch.float32, q.device)
-    if Tq > 0:
-        _attn_bwd_preprocess[(triton.cdiv(Tq, _PREPROCESS_BLOCK_M), B * H)](
-            out, do, delta, *out.stride(), *do.stride(), H, Tq, HEAD_DIM=D, BLOCK_M=_PREPROCESS_BLOCK_M)
-
-    sizes = (H, Tq, Tk, _bucket(Tq), _bucket(Tk), scale, scale * math.log2(math.e))
-    meta = dict(HEAD_DIM=D, CAUSAL=causal, FP32_DOT=_fp32_dot(q.dtype))
-    # dK/dV also runs when Tq == 0: it then writes the zero gradients.
-    grid = lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * H)  # noqa: E731
-    args = (q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-            *dk.stride(), *dv.stride(), *sizes)
-    _launch(_attn_bwd_dkdv_tuned, grid, args, meta, dkdv_config)
-    if Tq > 0:
-        grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
-        args = (q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(), *do.stride(),
-                *dq.stride(), *sizes)
-        _launch(_attn_bwd_dq_tuned, grid, args, meta, dq_config)
-    return dq, dk, dv
+def _plan_for(q, k, v, causal: bool) -> _Plan:
+    """The plan for these inputs. The first time their signature is seen, the inputs are
+    checked (the shared checks, then _check_supported); later calls with it are trusted."""
+    switches = triton_runtime.SWITCHES
+    try:
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, causal, switches)
+    except AttributeError:  # not tensors: check_attention_inputs says so below
+        key = None
+    plan = _PLANS.get(key)
+    if plan is None:
+        check_attention_inputs(q, k, v, causal)
+        _check_supported(q, k)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(q.shape, k.shape[2], q.dtype, q.device, causal, switches)
+    return plan
 
 
 # ---------------------------------------------------------------------------------------
-# torch.library registration and autograd
+# The eager path: an autograd.Function straight to the launchers
+# ---------------------------------------------------------------------------------------
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, plan: _Plan):
+        out, lse = _forward(q, k, v, scale, plan)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.plan = scale, plan
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(grad_out, q, k, v, out, lse, ctx.scale, ctx.plan)
+        return dq, dk, dv, None, None
+
+
+# ---------------------------------------------------------------------------------------
+# The traced path: torch.library custom ops, for torch.compile
 # ---------------------------------------------------------------------------------------
 
 
@@ -635,13 +714,12 @@ def flash_attn_fwd(
     lse is the base-2 log-sum-exp of the scaled scores: log2(sum_j 2**(s_ij * log2(e)))
     for s = scale * q k^T (masked), i.e. the natural logsumexp times log2(e).
     """
-    _check_supported(q, k, v, causal)
-    return _forward(q, k, v, causal, scale)
+    return _forward(q, k, v, scale, _plan_for(q, k, v, causal))
 
 
 @flash_attn_fwd.register_fake
 def _(q, k, v, causal, scale):
-    _check_supported(q, k, v, causal)
+    _check_supported(q, k)  # at trace time: fail while compiling, not at the first run
     B, H, Tq, D = q.shape
     return q.new_empty((B, H, Tq, D)), q.new_empty((B, H, Tq), dtype=torch.float32)
 
@@ -652,7 +730,7 @@ def flash_attn_bwd(
     out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (contiguous, in the inputs' dtype) from the forward's out and lse."""
-    return _backward(grad_out, q, k, v, out, lse, causal, scale)
+    return _backward(grad_out, q, k, v, out, lse, scale, _plan_for(q, k, v, causal))
 
 
 @flash_attn_bwd.register_fake
@@ -678,13 +756,20 @@ def _backward_rule(ctx, grad_out, grad_lse):
 flash_attn_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-              scale: float | None = None) -> torch.Tensor:
+# ---------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float) -> torch.Tensor:
     """Fused softmax(scale * q k^T [+ causal mask]) v for q (B, H, Tq, D), k/v (B, H, Tk, D).
 
     Differentiable; any strides are accepted (no copies). Returns (B, H, Tq, D) in q's dtype.
+    The inputs are checked the first time their signature (shapes, dtypes, devices, causal)
+    is seen; kernels.attention is the usual way in, and supplies the default scale.
     """
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    out, _ = flash_attn_fwd(q, k, v, causal, float(scale))
-    return out
+    if torch.compiler.is_compiling():  # traced: the custom op, which torch.compile sees through
+        return flash_attn_fwd(q, k, v, causal, scale)[0]
+    plan = _plan_for(q, k, v, causal)
+    # Decoding steps arrive here as plan.length_class == "decode" (q_len <= 16).
+    return _FlashAttention.apply(q, k, v, scale, plan)

@@ -1,23 +1,27 @@
-"""How our Triton kernels run on this machine: compiled on CUDA, interpreted on CPU.
+"""How our Triton kernels run on this machine, and the switches that change how they launch.
 
 Import this module before any `@triton.jit` kernel of ours is defined:
 
-    from .triton_runtime import INTERPRET   # first: may switch Triton to its interpreter
+    from . import triton_runtime   # first: may switch Triton to its interpreter
     import triton
 
 Triton picks compiled or interpreted code when `@triton.jit` decorates a function, from
-TRITON_INTERPRET. Without CUDA nothing can be compiled, so this module sets
-TRITON_INTERPRET=1: the kernels then run through Triton's CPU interpreter, which takes CPU
-tensors and is exact and very slow (for tests only).
+TRITON_INTERPRET. Without CUDA nothing can run compiled, so this module sets
+TRITON_INTERPRET=1 unless the user chose otherwise: the kernels then run through Triton's
+CPU interpreter, which takes CPU tensors and is exact and very slow (for tests only). An
+explicit TRITON_INTERPRET=0 is respected, so that `python -m kernels.compile_check` can
+compile the kernels ahead of time for a GPU this machine does not have.
 """
 import os
 import sys
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -52,3 +56,36 @@ if INTERPRET:
         "results are correct but very slow, for testing only",
         stacklevel=2,
     )
+
+
+@dataclass(frozen=True)
+class Switches:
+    """Every environment switch of our Triton kernels, read once when this module is imported.
+
+    GPT_KERNELS_AUTOTUNE=1   benchmark the candidate launch configs once per config class
+                             (kernels/triton_configs.py) instead of using the committed table;
+                             winners persist in tuning_dir between processes.
+    GPT_KERNELS_NAN_FILL=1   allocate every output buffer NaN-filled, so a test sees any element
+                             a kernel forgot to write (torch.empty could hold old, plausible values).
+    XDG_CACHE_HOME           where tuning_dir lives: $XDG_CACHE_HOME/gpt-kernels (default ~/.cache).
+
+    Tests change them with monkeypatch.setattr(triton_runtime, "SWITCHES", Switches(...)): the
+    launch code reads `triton_runtime.SWITCHES` (never the environment), and its per-shape
+    caches are keyed by the switches in force.
+    """
+
+    autotune: bool = False
+    nan_fill: bool = False
+    tuning_dir: Path = Path.home() / ".cache" / "gpt-kernels"
+
+    @classmethod
+    def from_env(cls) -> "Switches":
+        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return cls(
+            autotune=os.environ.get("GPT_KERNELS_AUTOTUNE") == "1",
+            nan_fill=os.environ.get("GPT_KERNELS_NAN_FILL") == "1",
+            tuning_dir=Path(cache) / "gpt-kernels",
+        )
+
+
+SWITCHES = Switches.from_env()

@@ -5,7 +5,7 @@ cross product of shapes, dtypes and layouts is covered sparsely: a full length/c
 sweep at one head dim and dtype, a head-dim sweep at one length, a dtype sweep at a few
 shapes. Every test compares against kernels.reference in float64 with the rule in
 tests/tolerances.py. The CUDA cases are the same tests on device="cuda", plus bigger
-shapes that only make sense on a GPU, and a run of every autotuning config.
+shapes that only make sense on a GPU, and a run of every autotuning candidate.
 """
 import math
 import os
@@ -17,7 +17,8 @@ import torch
 
 import kernels
 from kernels import reference
-from kernels import triton_attention  # without CUDA: warns once that the interpreter is in use
+from kernels import triton_attention, triton_configs, triton_runtime  # without CUDA: warns (interpreter)
+from kernels.triton_configs import LaunchConfig
 from tolerances import assert_close_to_reference, lse_recompute_atol
 
 CUDA = torch.cuda.is_available()
@@ -28,13 +29,11 @@ DEVICES = [pytest.param("cpu", marks=interpreter_only), pytest.param("cuda", mar
 
 
 @pytest.fixture(autouse=True)
-def first_autotune_config(monkeypatch):
-    """On CUDA, run each kernel with its first fitting config instead of benchmarking them all.
-
-    Tuning every shape here would take many minutes; test_cuda_every_autotune_config
-    checks all configs instead. (Under the interpreter there is only one config.)
-    """
-    monkeypatch.setenv("GPT_KERNELS_AUTOTUNE", "0")
+def default_switches(monkeypatch):
+    """Every test starts from the default switches (table configs, no NaN fill), whatever
+    the environment says: tuning every shape here would take many minutes on a GPU, and
+    test_cuda_every_autotune_candidate checks every candidate config instead."""
+    monkeypatch.setattr(triton_runtime, "SWITCHES", triton_runtime.Switches())
 
 
 def make_qkv(shape_q, kv_len, dtype, device, layout="contiguous", scale_inputs=1.0, seed=0):
@@ -189,18 +188,19 @@ def test_custom_scale(device, scale, causal):
 
 
 def with_configs(fwd, dkdv, dq, causal, scale):
-    """triton_fn for check_against_reference: the bare kernels with the given config dicts."""
+    """triton_fn for check_against_reference: the launchers with the given LaunchConfigs."""
 
     def run(q, k, v, do):
-        out, lse = triton_attention._forward(q, k, v, causal, scale, config=fwd)
-        grads = triton_attention._backward(do, q, k, v, out, lse, causal, scale, dkdv_config=dkdv, dq_config=dq)
-        return (out, *grads)
+        plan = triton_attention._Plan(q.shape, k.shape[2], q.dtype, q.device, causal, triton_runtime.Switches(),
+                                      configs={"fwd": fwd, "dkdv": dkdv, "dq": dq})
+        out, lse = triton_attention._forward(q, k, v, scale, plan)
+        return (out, *triton_attention._backward(do, q, k, v, out, lse, scale, plan))
 
     return run
 
 
 def blocks(m, n):
-    return dict(BLOCK_M=m, BLOCK_N=n)
+    return LaunchConfig(m, n, num_warps=4, num_stages=2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -239,10 +239,11 @@ def test_log_sum_exp(device, causal):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("q_len, kv_len, causal", [(1, 1, True), (1, 40, True), (47, 47, True), (47, 21, False)])
 def test_nan_filled_buffers_are_overwritten(device, q_len, kv_len, causal, monkeypatch):
-    """With GPT_KERNELS_NAN_FILL=1 every output buffer starts as NaN: a skipped tile shows."""
-    monkeypatch.setenv("GPT_KERNELS_NAN_FILL", "1")
-    assert triton_attention._empty((2,), torch.float32, device).isnan().all()  # the switch works
+    """With Switches.nan_fill every output buffer starts as NaN: a skipped tile shows."""
+    monkeypatch.setattr(triton_runtime, "SWITCHES", triton_runtime.Switches(nan_fill=True))
     q, k, v = make_qkv((2, 1, q_len, 16), kv_len, torch.float16, device)
+    assert triton_attention._plan_for(q, k, v, causal).switches.nan_fill  # the switch reaches the launchers
+    assert triton_attention._empty((2,), torch.float32, device, nan_fill=True).isnan().all()
     for name, t in zip(("out", "dq", "dk", "dv"), check_against_reference(q, k, v, causal=causal)):
         assert torch.isfinite(t).all(), f"{name} has unwritten (NaN) elements"
 
@@ -353,6 +354,45 @@ def test_torch_compile_traces_without_graph_breaks(device):
     torch.testing.assert_close(w_grad, w.grad)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_eager_and_compiled_paths_agree_exactly(device):
+    """Eager calls take the autograd.Function, traced ones the custom ops: same launchers,
+    same configs, so the same bits in the output and all three gradients."""
+    torch._dynamo.reset()
+    q, k, v = make_qkv((1, 2, 33, 16), 40, torch.float32, device)
+    do = torch.randn(q.shape).to(device)
+
+    def attend(q, k, v):
+        return kernels.attention(q, k, v, causal=True, backend="triton")
+
+    eager = attention_and_grads(attend, q, k, v, do)
+    compiled = attention_and_grads(torch.compile(attend, fullgraph=True, backend="inductor"), q, k, v, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), eager, compiled):
+        assert torch.equal(a, b), f"{name} differs between the eager and the compiled path"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eager_call_skips_the_custom_op_and_checks_once(device, monkeypatch):
+    """The eager path goes straight to the launchers, and checks a signature only once."""
+    q, k, v = (t.requires_grad_() for t in make_qkv((1, 1, 19, 16), 19, torch.float32, device))
+    checked = []
+    monkeypatch.setattr(triton_attention, "check_attention_inputs", lambda *args: checked.append(args))
+    monkeypatch.setattr(triton_attention, "_PLANS", {})
+    outs = [triton_attention.attention(q, k, v, causal=True, scale=0.25) for _ in range(3)]
+    assert len(checked) == 1
+    assert type(outs[0].grad_fn).__name__ == "_FlashAttentionBackward"  # not the gpt_kernels op's
+    assert torch.equal(outs[0], outs[2])
+
+
+def test_direct_calls_get_the_shared_checks():
+    """triton_attention.attention, called without kernels.attention, still rejects bad inputs."""
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="k has dtype torch.float16 but q has torch.float32"):
+        triton_attention.attention(q, q.half(), q.half(), causal=True, scale=0.25)
+    with pytest.raises(ValueError, match="q must be a torch.Tensor"):
+        triton_attention.attention(1.0, q, q, causal=True, scale=0.25)
+
+
 @pytest.mark.skipif(CUDA, reason="the interpreter is only switched on automatically without CUDA")
 def test_interpreter_works_when_triton_was_imported_first():
     """torch.compile imports triton before kernels.triton_attention can set TRITON_INTERPRET=1."""
@@ -394,20 +434,14 @@ def test_cuda_decoding_long_cache():
     check_against_reference(q, k, v, causal=True)
 
 
-def _launch_configs(kernel, q):
-    """The kernel's configs left after pruning for q, as config dicts for the bare kernel."""
-    configs = kernel.early_config_prune(kernel.configs, {"Q": q})
-    return [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
-
-
 @cuda_only
 @pytest.mark.parametrize("head_dim, causal, q_len, kv_len", [(64, True, 300, 300), (128, False, 200, 333)])
-def test_cuda_every_autotune_config(head_dim, causal, q_len, kv_len, monkeypatch):
-    """Whatever config the autotuner picks must be correct: run each one (ragged lengths)."""
-    monkeypatch.setenv("GPT_KERNELS_AUTOTUNE", "1")
+def test_cuda_every_autotune_candidate(head_dim, causal, q_len, kv_len):
+    """Whatever config the autotuner picks must be correct: run each candidate (ragged lengths)."""
     q, k, v = make_qkv((1, 2, q_len, head_dim), kv_len, torch.bfloat16, "cuda")
-    fwd, dkdv, dq = (_launch_configs(kern, q) for kern in (
-        triton_attention._attn_fwd_tuned, triton_attention._attn_bwd_dkdv_tuned, triton_attention._attn_bwd_dq_tuned))
+    arch = triton_configs.arch_of(torch.cuda.get_device_capability())
+    fwd, dkdv, dq = (triton_configs.candidates(arch, kernel, "16-bit", causal, triton_configs.length_class(q_len),
+                                               head_dim) for kernel in triton_configs.KERNELS)
     for i in range(max(len(fwd), len(dkdv), len(dq))):
         configs = fwd[i % len(fwd)], dkdv[i % len(dkdv)], dq[i % len(dq)]
         check_against_reference(q, k, v, causal=causal, triton_fn=with_configs(*configs, causal, head_dim**-0.5))

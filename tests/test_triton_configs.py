@@ -1,0 +1,246 @@
+"""Launch configs of the Triton kernels: the committed table, the opt-in tuner, and that
+generating text never tunes (kernels/triton_configs.py)."""
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gpt.model import GPT, GPTConfig
+from kernels import reference, triton_attention, triton_configs, triton_runtime
+from kernels.triton_configs import ANY, TABLE, LaunchConfig, TunedConfigs
+
+LENGTHS = [name for name, _ in triton_configs.LENGTH_CLASSES]
+
+
+# ---------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", triton_configs.ARCHS)
+def test_every_key_resolves_to_a_legal_config_that_fits(arch):
+    keys = itertools.product(triton_configs.KERNELS, ("16-bit", "float32"), (True, False), LENGTHS,
+                             triton_configs.HEAD_DIMS)
+    for kernel, dtype_class, causal, length, head_dim in keys:
+        cfg = triton_configs.table_config(arch, kernel, dtype_class, causal, length, head_dim)
+        assert triton_configs.problems(kernel, cfg, head_dim, dtype_class, arch) == [], (
+            arch, kernel, dtype_class, causal, length, head_dim, cfg)
+        assert triton_configs.shared_memory(kernel, cfg, head_dim, dtype_class) <= triton_configs.SHARED_MEMORY[arch]
+
+
+def test_table_rows_are_well_formed():
+    for rows in TABLE.values():
+        for (kernel, dtype_class, causal, length), row in rows.items():
+            assert kernel in triton_configs.KERNELS and dtype_class in triton_configs.ELEMENT_SIZE
+            assert causal in (True, False, ANY) and length in (*LENGTHS, ANY)
+            assert all(isinstance(cfg, LaunchConfig) for cfg in row.values())
+
+
+def test_the_most_specific_row_wins():
+    decode = TABLE["sm90"][("fwd", "16-bit", ANY, "decode")][64]
+    every_length = TABLE["sm90"][("fwd", "16-bit", ANY, ANY)][64]
+    assert decode != every_length  # otherwise this test proves nothing
+    assert triton_configs.table_config("sm90", "fwd", "16-bit", True, "decode", 64) == decode
+    assert triton_configs.table_config("sm90", "fwd", "16-bit", True, "short", 64) == every_length
+
+
+@pytest.mark.parametrize("q_len, expected", [(1, "decode"), (16, "decode"), (17, "short"), (1024, "short"),
+                                             (1025, "medium"), (4096, "medium"), (4097, "long")])
+def test_length_classes(q_len, expected):
+    assert triton_configs.length_class(q_len) == expected
+
+
+def test_architectures():
+    assert triton_configs.arch_of((9, 0)) == "sm90"
+    assert triton_configs.arch_of((8, 0)) == "sm80"
+    assert triton_configs.arch_of((8, 6)) == "generic"  # 99 KiB of shared memory, not A100's 163
+    assert triton_configs.arch_of((12, 0)) == "generic"
+
+
+def test_problems_are_found():
+    def problems(cfg, kernel="fwd", head_dim=64, dtype_class="16-bit", arch="sm90"):
+        return triton_configs.problems(kernel, LaunchConfig(*cfg), head_dim, dtype_class, arch)
+
+    assert problems((64, 32, 4, 2)) == []
+    assert "BLOCK_M=48" in problems((48, 32, 4, 2))[0]
+    assert "BLOCK_N=8" in problems((64, 8, 4, 2))[0]
+    # forward, head dim 256, float32: (64 + 2 * 64 * 4 stages) rows * 256 * 4 bytes = 576 KiB
+    assert "shared memory" in " ".join(problems((64, 64, 8, 4), head_dim=256, dtype_class="float32"))
+    assert "spill" in problems((128, 128, 4, 1), head_dim=256)[-1]  # 256 accumulators per thread
+    # the same config fits an H100 but not the generic 99 KiB
+    assert problems((128, 64, 4, 3), head_dim=128) == []
+    assert problems((128, 64, 4, 3), head_dim=128, arch="generic") != []
+
+
+@pytest.mark.parametrize("arch", triton_configs.ARCHS)
+def test_autotune_candidates_start_with_the_table_and_all_fit(arch):
+    for kernel, head_dim in itertools.product(triton_configs.KERNELS, triton_configs.HEAD_DIMS):
+        found = triton_configs.candidates(arch, kernel, "16-bit", True, "short", head_dim)
+        assert found[0] == triton_configs.table_config(arch, kernel, "16-bit", True, "short", head_dim)
+        assert len(set(found)) == len(found)
+        for cfg in found[1:]:
+            assert triton_configs.problems(kernel, cfg, head_dim, "16-bit", arch) == []
+            if arch == "sm90":
+                assert cfg.num_warps == 4 or cfg.block_m * cfg.block_n >= 128 * 128
+
+
+# ---------------------------------------------------------------------------------------
+# The tuner and its file
+# ---------------------------------------------------------------------------------------
+
+
+def test_tuned_winner_persists_between_processes(tmp_path, monkeypatch):
+    """A winner tuned by one TunedConfigs (one process) is read back by a fresh one untimed."""
+    import triton.testing
+
+    configs = [LaunchConfig(128, 64, 4, 3), LaunchConfig(64, 64, 4, 3), LaunchConfig(64, 32, 4, 2)]
+    times = {configs[0]: 3.0, configs[1]: 1.0, configs[2]: 2.0}
+    timed = []
+
+    def fake_do_bench(fn):
+        fn()
+        return times[timed[-1]]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    path = triton_configs.tuning_file(tmp_path / "gpt-kernels", "NVIDIA H100 80GB HBM3", "3.6.0")
+    assert path.name == "NVIDIA-H100-80GB-HBM3-triton3.6.0.json"
+
+    first = TunedConfigs(path)
+    assert first.winner("sm90/fwd/bfloat16/d64/causal/short", configs, timed.append) == configs[1]
+    assert timed == configs  # every candidate timed once
+    assert first.winner("sm90/fwd/bfloat16/d64/causal/short", configs, timed.append) == configs[1]
+    assert len(timed) == 3  # remembered in memory
+
+    fresh = TunedConfigs(path)  # as a new process would
+    assert fresh.winner("sm90/fwd/bfloat16/d64/causal/short", configs, timed.append) == configs[1]
+    assert len(timed) == 3  # read from disk, not tuned again
+    assert json.loads(path.read_text()) == {"sm90/fwd/bfloat16/d64/causal/short": [64, 64, 4, 3]}
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_tuned_configs_merge_what_other_processes_wrote(tmp_path):
+    path = tmp_path / "gpu.json"
+    a, b = TunedConfigs(path), TunedConfigs(path)
+    a.winner("key-a", [LaunchConfig(16, 16, 4, 1)], run=None)
+    b.winner("key-b", [LaunchConfig(32, 32, 4, 1)], run=None)
+    assert set(json.loads(path.read_text())) == {"key-a", "key-b"}
+
+
+def test_unreadable_tuning_file_is_ignored_with_a_warning(tmp_path):
+    path = tmp_path / "gpu.json"
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="ignoring tuned configs"):
+        assert TunedConfigs(path).winner("k", [LaunchConfig(16, 16, 4, 1)], run=None) == LaunchConfig(16, 16, 4, 1)
+
+
+def test_switches_are_read_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPT_KERNELS_AUTOTUNE", "1")
+    monkeypatch.setenv("GPT_KERNELS_NAN_FILL", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert triton_runtime.Switches.from_env() == triton_runtime.Switches(True, True, tmp_path / "gpt-kernels")
+    monkeypatch.delenv("GPT_KERNELS_AUTOTUNE")
+    assert not triton_runtime.Switches.from_env().autotune
+
+
+# ---------------------------------------------------------------------------------------
+# Generating text never tunes, and with tuning on, tunes once per class
+# ---------------------------------------------------------------------------------------
+
+
+def test_lengths_are_not_specialized():
+    """A growing kv_len (and any q_len) must not make Triton compile a new kernel variant.
+
+    Checked on the compiled-mode kernels (TRITON_INTERPRET=0, as on a GPU), in a subprocess.
+    """
+    code = (
+        "from kernels import triton_attention as ta\n"
+        "for kernel in (ta._attn_fwd, ta._attn_bwd_dkdv, ta._attn_bwd_dq, ta._attn_bwd_preprocess):\n"
+        "    print(kernel.fn.__name__, *sorted(p.name for p in kernel.params if p.do_not_specialize))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:4] == [
+        "_attn_fwd N_K N_Q", "_attn_bwd_dkdv N_K N_Q", "_attn_bwd_dq N_K N_Q", "_attn_bwd_preprocess N_Q"]
+
+
+@pytest.fixture
+def counted_tuner(monkeypatch):
+    """Replaces the tuner (the one function that benchmarks) with one that counts its calls."""
+    calls = []
+
+    def tune(configs, run):
+        calls.append(configs)
+        return configs[0]
+
+    monkeypatch.setattr(triton_configs, "tune", tune)
+    return calls
+
+
+def generate_50_tokens():
+    """A one-layer GPT with head dim 16 on the triton backend: a 20-token prompt (length
+    class "short"), then 50 tokens decoded one at a time against a growing cache."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=80, n_layer=1, n_head=1, d_model=16, attn="triton"))
+    prompt = torch.randint(0, 50, (1, 20), generator=torch.Generator().manual_seed(1))
+    return model.generate(prompt, 50, generator=torch.Generator().manual_seed(2))
+
+
+def test_generating_never_calls_the_tuner(counted_tuner, one_thread):
+    out = generate_50_tokens()
+    assert out.shape == (1, 70)
+    assert counted_tuner == []
+
+
+def test_with_autotune_on_each_class_is_tuned_once(counted_tuner, one_thread, monkeypatch, tmp_path):
+    monkeypatch.setattr(triton_runtime, "SWITCHES", triton_runtime.Switches(autotune=True, tuning_dir=tmp_path))
+    generate_50_tokens()
+    assert len(counted_tuner) == 2  # the prompt ("short") and the first decoding step ("decode"), not every token
+    tuned = json.loads(next(tmp_path.iterdir()).read_text())
+    assert sorted(key.rsplit("/", 1)[-1] for key in tuned) == ["decode", "short"]
+    generate_50_tokens()  # the same classes again: remembered
+    assert len(counted_tuner) == 2
+
+
+def test_autotuning_times_each_kernel_on_its_own_and_stays_exact(monkeypatch, tmp_path):
+    """With tuning on, the tuner gets a runnable launch for each of the three kernels (run
+    here once each, as do_bench would), and the results stay those of the reference."""
+    ran = []
+
+    def tune(configs, run):
+        run(configs[0])
+        ran.append(configs[0])
+        return configs[0]
+
+    monkeypatch.setattr(triton_configs, "tune", tune)
+    monkeypatch.setattr(triton_runtime, "SWITCHES", triton_runtime.Switches(autotune=True, tuning_dir=tmp_path))
+    q, k, v = (torch.randn(1, 2, 21, 16, requires_grad=True) for _ in range(3))
+    out = triton_attention.attention(q, k, v, causal=True, scale=0.25)
+    out.sum().backward()
+    assert len(ran) == 3  # fwd, dkdv, dq
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    expected = reference.attention(*exact, causal=True, scale=0.25)
+    expected.sum().backward()
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+    for got, want in zip((q, k, v), exact):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=0, atol=1e-5)
+
+
+def test_compile_check_compiles_a_config_for_sm90():
+    """kernels.compile_check compiles for an H100 without one (Triton ships ptxas): one small config."""
+    code = (
+        "import json, torch\n"
+        "from kernels import compile_check\n"
+        "from kernels.triton_configs import LaunchConfig\n"
+        "print(json.dumps(compile_check.compile_one('sm90', 'fwd', torch.bfloat16, 16, LaunchConfig(64, 32, 4, 2))))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])  # {"regs": ..., "spill": ..., "smem": ...}
+    assert 0 < found["regs"] <= 255 and found["spill"] == 0
+    assert 0 < found["smem"] <= triton_configs.SHARED_MEMORY["sm90"]
