@@ -9,6 +9,7 @@ Backends:
     triton     our fused FlashAttention-2-style kernel (interpreted, slowly, without CUDA)
     auto       triton on CUDA, reference elsewhere
 """
+
 import importlib
 
 import torch

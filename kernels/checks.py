@@ -3,6 +3,7 @@
 Each backend trusts that `check_attention_inputs` ran first (the dispatcher in
 `kernels/__init__.py` calls it), so none of them repeats these checks.
 """
+
 import torch
 
 
@@ -30,9 +31,7 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1]:
-        raise ValueError(
-            f"q and k must agree in (batch, heads), got q {tuple(q.shape[:2])} and k {tuple(k.shape[:2])}"
-        )
+        raise ValueError(f"q and k must agree in (batch, heads), got q {tuple(q.shape[:2])} and k {tuple(k.shape[:2])}")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"q and k must share head_dim, got q {q.shape[3]} and k {k.shape[3]}")
     if causal and q.shape[2] > k.shape[2]:

@@ -3,6 +3,7 @@
 Every other backend is tested against this one (computed in float64). It
 materializes the full (q_len, kv_len) score matrix, so memory grows as O(T^2).
 """
+
 import torch
 
 

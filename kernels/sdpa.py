@@ -3,6 +3,7 @@
 This is the peer our Triton kernel must beat. On CUDA it dispatches to
 FlashAttention-2, memory-efficient attention or cuDNN; on CPU to a fused C++ kernel.
 """
+
 import torch
 import torch.nn.functional as F
 

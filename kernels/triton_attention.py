@@ -36,7 +36,8 @@ with fake implementations and autograd, which torch.compile traces without graph
 Without CUDA the kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1, set up
 by kernels/triton_runtime.py), which accepts CPU tensors: correct, and very slow, for tests.
 """
-import functools
+
+import functools  # noqa: I001 (kernels.triton_runtime must be imported before triton: see there)
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -52,11 +53,8 @@ import triton.language as tl  # noqa: E402
 from . import triton_configs  # noqa: E402
 from .checks import check_attention_inputs  # noqa: E402
 from .triton_configs import LaunchConfig  # noqa: E402
-from .triton_runtime import INTERPRET  # noqa: E402
-
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
+from .triton_decode import MAX_DECODE_Q_LEN, decode_attention  # noqa: E402
+from .triton_runtime import INTERPRET, dot, fp32_dot  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
 # Small helpers shared by all kernels
@@ -82,22 +80,6 @@ def _load(ptrs, mask, MASKED: tl.constexpr):
     else:
         x = tl.load(ptrs)
     return x
-
-
-@triton.jit
-def _dot(a, b, FP32_DOT: tl.constexpr):
-    """a @ b with a float32 result.
-
-    FP32_DOT multiplies in float32 at full IEEE precision. It is needed (1) for float32
-    inputs, which tl.dot would otherwise round to tf32 on GPUs, and (2) under the CPU
-    interpreter, whose bfloat16 dot returns garbage. Upcasting 16-bit operands changes
-    nothing numerically: their products are exact in float32 either way.
-    """
-    if FP32_DOT:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
 
 
 @triton.jit
@@ -179,7 +161,7 @@ def _attn_fwd_inner(
         in_k = offs_n[:, None] < N_K
         k = _load(_tile(K, offs_n, stride_kn, offs_d, stride_kd), in_k, MASKED)  # (BLOCK_N, HEAD_DIM)
         v = _load(_tile(V, offs_n, stride_vn, offs_d, stride_vd), in_k, MASKED)  # (BLOCK_N, HEAD_DIM)
-        qk = _dot(q, tl.trans(k), FP32_DOT)  # (BLOCK_M, BLOCK_N) raw scores
+        qk = dot(q, tl.trans(k), FP32_DOT)  # (BLOCK_M, BLOCK_N) raw scores
         if MASKED:
             qk = tl.where(_visible(offs_m[:, None], offs_n[None, :], N_K, diag, CAUSAL), qk * qk_scale, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
@@ -192,7 +174,7 @@ def _attn_fwd_inner(
         p = tl.math.exp2(qk)  # (BLOCK_M, BLOCK_N) unnormalized probabilities
         alpha = tl.math.exp2(m_i - m_ij)  # rescales what was summed under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, FP32_DOT)
         m_i = m_ij
     return acc, l_i, m_i
 
@@ -314,17 +296,17 @@ def _attn_bwd_dkdv_inner(
         lse2 = _load(Lse + offs_m, in_q, MASKED)  # (BLOCK_M,)
         delta = _load(Delta + offs_m, in_q, MASKED)  # (BLOCK_M,)
 
-        qkT = _dot(k, tl.trans(q), FP32_DOT)  # (BLOCK_N, BLOCK_M) raw scores, transposed
+        qkT = dot(k, tl.trans(q), FP32_DOT)  # (BLOCK_N, BLOCK_M) raw scores, transposed
         logits = qkT * qk_scale - lse2[None, :]
         if MASKED:
             # Also drop query rows past Tq: here they would be summed into dK and dV.
             ok = _visible(offs_m[None, :], offs_n[:, None], N_K, diag, CAUSAL) & in_q[None, :]
             logits = tl.where(ok, logits, float("-inf"))
         pT = tl.math.exp2(logits)  # P^T, already normalized
-        dv += _dot(pT.to(do.dtype), do, FP32_DOT)  # (BLOCK_N, HEAD_DIM)
-        dpT = _dot(v, tl.trans(do), FP32_DOT)  # (BLOCK_N, BLOCK_M)
+        dv += dot(pT.to(do.dtype), do, FP32_DOT)  # (BLOCK_N, HEAD_DIM)
+        dpT = dot(v, tl.trans(do), FP32_DOT)  # (BLOCK_N, BLOCK_M)
         dsT = pT * (dpT - delta[None, :])
-        dk += _dot(dsT.to(q.dtype), q, FP32_DOT)  # (BLOCK_N, HEAD_DIM), scaled by the caller
+        dk += dot(dsT.to(q.dtype), q, FP32_DOT)  # (BLOCK_N, HEAD_DIM), scaled by the caller
     return dk, dv
 
 
@@ -396,14 +378,14 @@ def _attn_bwd_dq_inner(
         in_k = offs_n[:, None] < N_K
         k = _load(_tile(K, offs_n, stride_kn, offs_d, stride_kd), in_k, MASKED)  # (BLOCK_N, HEAD_DIM)
         v = _load(_tile(V, offs_n, stride_vn, offs_d, stride_vd), in_k, MASKED)  # (BLOCK_N, HEAD_DIM)
-        qk = _dot(q, tl.trans(k), FP32_DOT)  # (BLOCK_M, BLOCK_N)
+        qk = dot(q, tl.trans(k), FP32_DOT)  # (BLOCK_M, BLOCK_N)
         logits = qk * qk_scale - lse2[:, None]
         if MASKED:
             logits = tl.where(_visible(offs_m[:, None], offs_n[None, :], N_K, diag, CAUSAL), logits, float("-inf"))
         p = tl.math.exp2(logits)  # (BLOCK_M, BLOCK_N), already normalized
-        dp = _dot(do, tl.trans(v), FP32_DOT)  # (BLOCK_M, BLOCK_N)
+        dp = dot(do, tl.trans(v), FP32_DOT)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, FP32_DOT)  # (BLOCK_M, HEAD_DIM), scaled by the caller
+        dq += dot(ds.to(k.dtype), k, FP32_DOT)  # (BLOCK_M, HEAD_DIM), scaled by the caller
     return dq
 
 
@@ -573,8 +555,7 @@ class _Plan:
         B, H, Tq, D = self.q_shape
         # fwd and dq: one program per query block; dkdv: one per key block.
         blocks = triton.cdiv(self.kv_len, cfg.block_n) if kernel == "dkdv" else triton.cdiv(Tq, cfg.block_m)
-        # FP32_DOT: see _dot; float32 inputs, and the interpreter's broken bfloat16 dot.
-        meta = dict(HEAD_DIM=D, CAUSAL=self.causal, FP32_DOT=INTERPRET or self.dtype == torch.float32,
+        meta = dict(HEAD_DIM=D, CAUSAL=self.causal, FP32_DOT=fp32_dot(self.dtype),
                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return _Launch((blocks, B * H), meta)
 
@@ -771,5 +752,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if torch.compiler.is_compiling():  # traced: the custom op, which torch.compile sees through
         return flash_attn_fwd(q, k, v, causal, scale)[0]
     plan = _plan_for(q, k, v, causal)
-    # Decoding steps arrive here as plan.length_class == "decode" (q_len <= 16).
+    if q.shape[2] <= MAX_DECODE_Q_LEN and not (
+        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    ):
+        # A few new queries against a KV cache, nothing to differentiate: split the keys instead.
+        return decode_attention(q, k, v, causal=causal, scale=scale)
     return _FlashAttention.apply(q, k, v, scale, plan)

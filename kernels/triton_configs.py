@@ -4,7 +4,7 @@ A launch config is looked up in TABLE, committed below, so that the first call a
 shape only compiles: nothing is benchmarked unless you ask for it. The table is keyed by
 
     arch          "sm90" (H100, H200), "sm80" (A100), "generic" (any other CUDA GPU)
-    kernel        "fwd", "dkdv", "dq" (kernels/triton_attention.py)
+    kernel        "fwd", "dkdv", "dq" (kernels/triton_attention.py), "decode" (kernels/triton_decode.py)
     dtype class   "16-bit" (float16 and bfloat16: same size, same tensor-core path) or "float32"
     causal        True / False
     length class  of q_len: "decode" (<= 16), "short" (<= 1k), "medium" (<= 4k), "long"
@@ -29,6 +29,7 @@ config class instead, with triton.testing.do_bench, and keeps the winner in a JS
 so the next process reuses it. `python -m kernels.compile_check` compiles every table row
 for its GPU ahead of time and reports registers, spills and shared memory.
 """
+
 import json
 import os
 import re
@@ -38,7 +39,8 @@ from typing import NamedTuple
 
 import torch
 
-KERNELS = ("fwd", "dkdv", "dq")
+KERNELS = ("fwd", "dkdv", "dq", "decode")
+TUNED_KERNELS = ("fwd", "dkdv", "dq")  # what GPT_KERNELS_AUTOTUNE=1 tunes; decode always uses the table
 ARCHS = ("sm90", "sm80", "generic")
 DTYPE_CLASSES = {torch.float32: "float32", torch.float16: "16-bit", torch.bfloat16: "16-bit"}
 ELEMENT_SIZE = {"16-bit": 2, "float32": 4}
@@ -63,6 +65,7 @@ INTERPRETER_CONFIGS = {
     "fwd": LaunchConfig(32, 16, 4, 1),
     "dkdv": LaunchConfig(16, 32, 4, 1),
     "dq": LaunchConfig(16, 32, 4, 1),
+    "decode": LaunchConfig(16, 16, 4, 1),  # small key blocks: short test caches span several splits
 }
 
 
@@ -75,43 +78,65 @@ def _rows(**by_head_dim) -> dict[int, LaunchConfig]:
 # Where the tutorial's config spilled registers in `kernels.compile_check` (head dims 64 and up),
 # the row takes 8 warps or smaller tiles instead.
 _HOPPER = {
-    ("fwd", "16-bit", ANY, ANY): _rows(d16=(128, 64, 4, 3), d32=(128, 64, 4, 3), d64=(128, 64, 4, 3),
-                                       d128=(128, 64, 8, 3), d256=(64, 32, 8, 2)),
-    ("dkdv", "16-bit", ANY, ANY): _rows(d16=(32, 128, 4, 5), d32=(32, 128, 4, 5), d64=(32, 128, 8, 3),
-                                        d128=(32, 64, 8, 2), d256=(32, 32, 8, 2)),
-    ("dq", "16-bit", ANY, ANY): _rows(d16=(128, 32, 4, 5), d32=(128, 32, 4, 5), d64=(128, 32, 8, 3),
-                                      d128=(64, 64, 4, 3), d256=(64, 32, 8, 2)),
+    ("fwd", "16-bit", ANY, ANY): _rows(
+        d16=(128, 64, 4, 3), d32=(128, 64, 4, 3), d64=(128, 64, 4, 3), d128=(128, 64, 8, 3), d256=(64, 32, 8, 2)
+    ),
+    ("dkdv", "16-bit", ANY, ANY): _rows(
+        d16=(32, 128, 4, 5), d32=(32, 128, 4, 5), d64=(32, 128, 8, 3), d128=(32, 64, 8, 2), d256=(32, 32, 8, 2)
+    ),
+    ("dq", "16-bit", ANY, ANY): _rows(
+        d16=(128, 32, 4, 5), d32=(128, 32, 4, 5), d64=(128, 32, 8, 3), d128=(64, 64, 4, 3), d256=(64, 32, 8, 2)
+    ),
 }
 _AMPERE = {  # the Hopper rows, except where they spill registers on sm_80 (no wgmma there)
-    ("fwd", "16-bit", ANY, ANY): _rows(d16=(128, 64, 4, 3), d32=(128, 64, 8, 3), d64=(128, 64, 4, 3),
-                                       d128=(64, 64, 4, 3), d256=(64, 32, 8, 2)),
+    ("fwd", "16-bit", ANY, ANY): _rows(
+        d16=(128, 64, 4, 3), d32=(128, 64, 8, 3), d64=(128, 64, 4, 3), d128=(64, 64, 4, 3), d256=(64, 32, 8, 2)
+    ),
     ("dkdv", "16-bit", ANY, ANY): _HOPPER[("dkdv", "16-bit", ANY, ANY)],
-    ("dq", "16-bit", ANY, ANY): _rows(d16=(128, 32, 4, 5), d32=(128, 32, 4, 5), d64=(128, 32, 8, 3),
-                                      d128=(64, 32, 8, 2), d256=(64, 32, 8, 2)),
+    ("dq", "16-bit", ANY, ANY): _rows(
+        d16=(128, 32, 4, 5), d32=(128, 32, 4, 5), d64=(128, 32, 8, 3), d128=(64, 32, 8, 2), d256=(64, 32, 8, 2)
+    ),
 }
 _GENERIC = {  # the Ampere rows cut down to 99 KiB of shared memory
-    ("fwd", "16-bit", ANY, ANY): _rows(d16=(128, 64, 4, 3), d32=(128, 64, 4, 3), d64=(128, 64, 4, 3),
-                                       d128=(128, 64, 8, 2), d256=(64, 32, 8, 2)),
-    ("dkdv", "16-bit", ANY, ANY): _rows(d16=(32, 128, 4, 3), d32=(32, 128, 4, 3), d64=(32, 128, 8, 3),
-                                        d128=(32, 64, 8, 2), d256=(32, 32, 8, 2)),
-    ("dq", "16-bit", ANY, ANY): _rows(d16=(128, 32, 4, 3), d32=(128, 32, 4, 3), d64=(128, 32, 8, 3),
-                                      d128=(64, 32, 8, 2), d256=(32, 32, 8, 2)),
+    ("fwd", "16-bit", ANY, ANY): _rows(
+        d16=(128, 64, 4, 3), d32=(128, 64, 4, 3), d64=(128, 64, 4, 3), d128=(128, 64, 8, 2), d256=(64, 32, 8, 2)
+    ),
+    ("dkdv", "16-bit", ANY, ANY): _rows(
+        d16=(32, 128, 4, 3), d32=(32, 128, 4, 3), d64=(32, 128, 8, 3), d128=(32, 64, 8, 2), d256=(32, 32, 8, 2)
+    ),
+    ("dq", "16-bit", ANY, ANY): _rows(
+        d16=(128, 32, 4, 3), d32=(128, 32, 4, 3), d64=(128, 32, 8, 3), d128=(64, 32, 8, 2), d256=(32, 32, 8, 2)
+    ),
 }
 _EVERY_GPU = {
+    # The split-KV decode kernel: all q_len <= 16 query rows in one 16-row tile; it streams K
+    # and V once (memory bound), so key blocks as wide as keep the pipeline in shared memory.
+    # Head dims 128 and 256 on 4 warps spill hundreds of bytes (kernels.compile_check): 8 warps.
+    ("decode", "16-bit", ANY, ANY): _rows(
+        d16=(16, 64, 4, 3), d32=(16, 64, 4, 3), d64=(16, 64, 4, 3), d128=(16, 64, 8, 2), d256=(16, 32, 8, 2)
+    ),
+    ("decode", "float32", ANY, ANY): _rows(
+        d16=(16, 64, 4, 3), d32=(16, 64, 4, 3), d64=(16, 32, 4, 3), d128=(16, 32, 8, 2), d256=(16, 16, 4, 2)
+    ),
     # Decoding: a 128-row query tile would be almost all padding for q_len 1, so 16 rows
     # (the smallest a tl.dot takes) and wider key tiles.
-    ("fwd", "16-bit", ANY, "decode"): _rows(d16=(16, 64, 4, 2), d32=(16, 64, 4, 2), d64=(16, 64, 4, 2),
-                                            d128=(16, 64, 4, 2), d256=(16, 32, 8, 2)),
-    ("fwd", "float32", ANY, "decode"): _rows(d16=(16, 32, 4, 2), d32=(16, 32, 4, 2), d64=(16, 64, 4, 2),
-                                             d128=(16, 16, 4, 2), d256=(16, 16, 4, 2)),
+    ("fwd", "16-bit", ANY, "decode"): _rows(
+        d16=(16, 64, 4, 2), d32=(16, 64, 4, 2), d64=(16, 64, 4, 2), d128=(16, 64, 4, 2), d256=(16, 32, 8, 2)
+    ),
+    ("fwd", "float32", ANY, "decode"): _rows(
+        d16=(16, 32, 4, 2), d32=(16, 32, 4, 2), d64=(16, 64, 4, 2), d128=(16, 16, 4, 2), d256=(16, 16, 4, 2)
+    ),
     # float32 multiplies at full IEEE precision, without tensor cores: its tiles live in
     # registers, so they are small (larger ones spill heavily), and fit 99 KiB everywhere.
-    ("fwd", "float32", ANY, ANY): _rows(d16=(64, 32, 4, 3), d32=(64, 32, 4, 3), d64=(32, 32, 4, 2),
-                                        d128=(16, 16, 4, 2), d256=(16, 16, 4, 2)),
-    ("dkdv", "float32", ANY, ANY): _rows(d16=(32, 64, 4, 3), d32=(32, 64, 8, 2), d64=(16, 32, 4, 2),
-                                         d128=(16, 16, 4, 2), d256=(16, 16, 8, 2)),
-    ("dq", "float32", ANY, ANY): _rows(d16=(64, 32, 8, 2), d32=(64, 32, 8, 2), d64=(64, 32, 8, 2),
-                                       d128=(16, 16, 4, 2), d256=(16, 16, 4, 2)),
+    ("fwd", "float32", ANY, ANY): _rows(
+        d16=(64, 32, 4, 3), d32=(64, 32, 4, 3), d64=(32, 32, 4, 2), d128=(16, 16, 4, 2), d256=(16, 16, 4, 2)
+    ),
+    ("dkdv", "float32", ANY, ANY): _rows(
+        d16=(32, 64, 4, 3), d32=(32, 64, 8, 2), d64=(16, 32, 4, 2), d128=(16, 16, 4, 2), d256=(16, 16, 8, 2)
+    ),
+    ("dq", "float32", ANY, ANY): _rows(
+        d16=(64, 32, 8, 2), d32=(64, 32, 8, 2), d64=(64, 32, 8, 2), d128=(16, 16, 4, 2), d256=(16, 16, 4, 2)
+    ),
 }
 TABLE = {
     "sm90": {**_HOPPER, **_EVERY_GPU},
@@ -154,6 +179,7 @@ _FOOTPRINT = {
     "fwd": (lambda m, n: m, lambda m, n: 2 * n, lambda m, n: m),  # q; k, v; acc
     "dkdv": (lambda m, n: 2 * n, lambda m, n: 2 * m, lambda m, n: 2 * n),  # k, v; q, dO; dk, dv
     "dq": (lambda m, n: 2 * m, lambda m, n: 2 * n, lambda m, n: m),  # q, dO; k, v; dq
+    "decode": (lambda m, n: m, lambda m, n: 2 * n, lambda m, n: m),  # as fwd: q; k, v; acc
 }
 
 
@@ -188,12 +214,15 @@ def problems(kernel: str, cfg: LaunchConfig, head_dim: int, dtype_class: str, ar
     return found
 
 
-def candidates(arch: str, kernel: str, dtype_class: str, causal: bool, length: str,
-               head_dim: int) -> list[LaunchConfig]:
+def candidates(
+    arch: str, kernel: str, dtype_class: str, causal: bool, length: str, head_dim: int
+) -> list[LaunchConfig]:
     """What GPT_KERNELS_AUTOTUNE=1 benchmarks: the table's config first, then every fitting variant."""
-    block_ms, block_ns = {"fwd": ((128, 64), (64, 128, 32)),
-                          "dkdv": ((32, 64), (128, 64)),
-                          "dq": ((128, 64), (32, 64))}[kernel]
+    block_ms, block_ns = {
+        "fwd": ((128, 64), (64, 128, 32)),
+        "dkdv": ((32, 64), (128, 64)),
+        "dq": ((128, 64), (32, 64)),
+    }[kernel]
     variants = [LaunchConfig(m, n, w, s) for m in block_ms for n in block_ns for w in (4, 8) for s in (2, 3, 4)]
     if arch == "sm90":  # the tutorial's rule: on Hopper 8 warps only pay off on 128x128 tiles and up
         variants = [c for c in variants if c.num_warps == 4 or c.block_m * c.block_n >= 128 * 128]

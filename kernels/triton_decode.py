@@ -39,30 +39,21 @@ share one binary per kernel.
 Without CUDA the kernels run through Triton's CPU interpreter (kernels/triton_runtime.py):
 exact and slow, with small blocks so that tests exercise several splits.
 """
-import functools
+
+import functools  # noqa: I001 (kernels.triton_runtime must be imported before triton: see there)
 import math
-from typing import NamedTuple
 
 import torch
 
-from .triton_runtime import INTERPRET  # first: without CUDA it switches Triton to its interpreter
+from .triton_runtime import INTERPRET, dot, fp32_dot  # first: without CUDA, switches Triton to its interpreter
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-MAX_DECODE_Q_LEN = 16  # the query tile: every query row of a call fits in one program
-_BLOCK_M = MAX_DECODE_Q_LEN
+from . import triton_configs  # noqa: E402
+from .triton_configs import LaunchConfig  # noqa: E402
 
-
-@triton.jit
-def _dot(a, b, FP32_DOT: tl.constexpr):
-    """a @ b with a float32 result; FP32_DOT multiplies in IEEE float32 (float32 inputs,
-    which tl.dot would round to tf32, and the interpreter, whose bfloat16 dot is broken)."""
-    if FP32_DOT:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
+MAX_DECODE_Q_LEN = 16  # every query row of a call fits in one 16-row tile (the table's BLOCK_M)
 
 
 @triton.jit
@@ -84,7 +75,7 @@ def _fold_key_blocks(
         else:
             k = tl.load(k_ptrs + start_n * stride_kn)
             v = tl.load(v_ptrs + start_n * stride_vn)
-        qk = _dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (BLOCK_M, BLOCK_N) scores, base 2
+        qk = dot(q, tl.trans(k), FP32_DOT) * qk_scale  # (BLOCK_M, BLOCK_N) scores, base 2
         if MASKED:
             visible = offs_n[None, :] < N_K
             if CAUSAL:
@@ -97,7 +88,7 @@ def _fold_key_blocks(
         p = tl.math.exp2(qk - m_sub[:, None])  # (BLOCK_M, BLOCK_N) unnormalized probabilities
         alpha = tl.math.exp2(m_i - m_sub)  # rescales what was summed under the old max
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, FP32_DOT)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, FP32_DOT)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -200,39 +191,18 @@ def _decode_combine(
 # ---------------------------------------------------------------------------------------
 
 
-class DecodeConfig(NamedTuple):
-    """Launch settings of the split kernel: keys per block, warps, pipeline depth."""
-    block_n: int
-    num_warps: int
-    num_stages: int
+@functools.cache
+def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+    """The split kernel's launch config for this head dim and dtype: one for every Tq <= 16
+    and every Tk, from the "decode" rows of the table in kernels/triton_configs.py."""
+    if INTERPRET:  # small key blocks, so that short test caches span several splits
+        return triton_configs.INTERPRETER_CONFIGS["decode"]
+    arch = triton_configs.arch_of(torch.cuda.get_device_capability(device))
+    return triton_configs.table_config(arch, "decode", triton_configs.DTYPE_CLASSES[dtype], None, None, head_dim)
 
 
-# One config per (head dim, dtype) for every Tq <= 16 and every Tk, so nothing is tuned or
-# recompiled while generating. Decoding streams K and V once and is memory bound: the key
-# blocks are as large as keeps the K/V pipeline (2 * block_n * head_dim * bytes * stages)
-# well inside an H100's shared memory. Chosen by reasoning and checked by compiling for
-# sm_90 ahead of time (no spills, <= 72 KB shared memory); not yet measured on a GPU.
-_CUDA_CONFIGS = {
-    # head_dim: (16-bit, float32)
-    16: (DecodeConfig(64, 4, 3), DecodeConfig(64, 4, 3)),
-    32: (DecodeConfig(64, 4, 3), DecodeConfig(64, 4, 3)),
-    64: (DecodeConfig(64, 4, 3), DecodeConfig(32, 4, 3)),
-    128: (DecodeConfig(64, 4, 3), DecodeConfig(32, 8, 2)),  # float32 on 4 warps: 255 registers and spills
-    256: (DecodeConfig(32, 4, 2), DecodeConfig(16, 4, 2)),
-}
-# Under the interpreter: small key blocks, so that short test caches span several splits.
-_INTERPRET_CONFIG = DecodeConfig(16, 4, 1)
 # Programs the interpreter aims for (stands in for "2 per SM"): a few splits per head.
 _INTERPRET_PROGRAMS = 8
-
-
-@functools.cache
-def decode_config(head_dim: int, dtype: torch.dtype) -> DecodeConfig:
-    """The split kernel's launch settings for this head dim and dtype (any Tq, any Tk)."""
-    if INTERPRET:
-        return _INTERPRET_CONFIG
-    half, single = _CUDA_CONFIGS[head_dim]
-    return single if dtype == torch.float32 else half
 
 
 @functools.cache
@@ -259,7 +229,8 @@ def split_plan(kv_len: int, batch_heads: int, block_n: int, programs: int) -> tu
 def decode_split_plan(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int]:
     """(num_splits, split_size) that decode_attention(q, k, ...) uses."""
     B, H, _, D = q.shape
-    return split_plan(k.shape[2], B * H, decode_config(D, q.dtype).block_n, _programs_to_fill(q.device))
+    config = decode_config(D, q.dtype, q.device)
+    return split_plan(k.shape[2], B * H, config.block_n, _programs_to_fill(q.device))
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,17 +258,17 @@ def _decode(q, k, v, causal: bool, scale: float, num_splits: int, split_size: in
     out = torch.empty((B, H, Tq, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    config = decode_config(D, q.dtype)
+    config = decode_config(D, q.dtype, q.device)
     partial_out = torch.empty((B * H, num_splits, Tq, D), dtype=torch.float32, device=q.device)
     partial_lse = torch.empty((B * H, num_splits, Tq), dtype=torch.float32, device=q.device)
     _decode_split[(num_splits, B * H)](
         q, k, v, partial_out, partial_lse, *q.stride(), *k.stride(), *v.stride(),
         H, Tq, Tk, split_size, scale * math.log2(math.e),
-        HEAD_DIM=D, CAUSAL=causal, FP32_DOT=INTERPRET or q.dtype == torch.float32,
-        BLOCK_M=_BLOCK_M, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
+        HEAD_DIM=D, CAUSAL=causal, FP32_DOT=fp32_dot(q.dtype),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     _decode_combine[(B * H,)](
         partial_out, partial_lse, out, *out.stride(), H, Tq, num_splits,
-        HEAD_DIM=D, BLOCK_M=_BLOCK_M, num_warps=4,
+        HEAD_DIM=D, BLOCK_M=config.block_m, num_warps=4,
     )
     return out

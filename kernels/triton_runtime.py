@@ -12,6 +12,7 @@ CPU interpreter, which takes CPU tensors and is exact and very slow (for tests o
 explicit TRITON_INTERPRET=0 is respected, so that `python -m kernels.compile_check` can
 compile the kernels ahead of time for a GPU this machine does not have.
 """
+
 import os
 import sys
 import warnings
@@ -56,6 +57,27 @@ if INTERPRET:
         "results are correct but very slow, for testing only",
         stacklevel=2,
     )
+
+
+def fp32_dot(dtype: torch.dtype) -> bool:
+    """The FP32_DOT flag of `dot` for inputs of `dtype`."""
+    return INTERPRET or dtype == torch.float32
+
+
+@triton.jit
+def dot(a, b, FP32_DOT: tl.constexpr):
+    """a @ b with a float32 result, the one matrix product every kernel of ours uses.
+
+    FP32_DOT multiplies in float32 at full IEEE precision. It is needed (1) for float32
+    inputs, which tl.dot would otherwise round to tf32 on GPUs, and (2) under the CPU
+    interpreter, whose bfloat16 dot returns garbage. Upcasting 16-bit operands changes
+    nothing numerically: their products are exact in float32 either way.
+    """
+    if FP32_DOT:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Launch configs of the Triton kernels: the committed table, the opt-in tuner, and that
 generating text never tunes (kernels/triton_configs.py)."""
+
 import itertools
 import json
 import os
@@ -23,12 +24,20 @@ LENGTHS = [name for name, _ in triton_configs.LENGTH_CLASSES]
 
 @pytest.mark.parametrize("arch", triton_configs.ARCHS)
 def test_every_key_resolves_to_a_legal_config_that_fits(arch):
-    keys = itertools.product(triton_configs.KERNELS, ("16-bit", "float32"), (True, False), LENGTHS,
-                             triton_configs.HEAD_DIMS)
+    keys = itertools.product(
+        triton_configs.KERNELS, ("16-bit", "float32"), (True, False), LENGTHS, triton_configs.HEAD_DIMS
+    )
     for kernel, dtype_class, causal, length, head_dim in keys:
         cfg = triton_configs.table_config(arch, kernel, dtype_class, causal, length, head_dim)
         assert triton_configs.problems(kernel, cfg, head_dim, dtype_class, arch) == [], (
-            arch, kernel, dtype_class, causal, length, head_dim, cfg)
+            arch,
+            kernel,
+            dtype_class,
+            causal,
+            length,
+            head_dim,
+            cfg,
+        )
         assert triton_configs.shared_memory(kernel, cfg, head_dim, dtype_class) <= triton_configs.SHARED_MEMORY[arch]
 
 
@@ -48,8 +57,10 @@ def test_the_most_specific_row_wins():
     assert triton_configs.table_config("sm90", "fwd", "16-bit", True, "short", 64) == every_length
 
 
-@pytest.mark.parametrize("q_len, expected", [(1, "decode"), (16, "decode"), (17, "short"), (1024, "short"),
-                                             (1025, "medium"), (4096, "medium"), (4097, "long")])
+@pytest.mark.parametrize(
+    "q_len, expected",
+    [(1, "decode"), (16, "decode"), (17, "short"), (1024, "short"), (1025, "medium"), (4096, "medium"), (4097, "long")],
+)
 def test_length_classes(q_len, expected):
     assert triton_configs.length_class(q_len) == expected
 
@@ -78,7 +89,7 @@ def test_problems_are_found():
 
 @pytest.mark.parametrize("arch", triton_configs.ARCHS)
 def test_autotune_candidates_start_with_the_table_and_all_fit(arch):
-    for kernel, head_dim in itertools.product(triton_configs.KERNELS, triton_configs.HEAD_DIMS):
+    for kernel, head_dim in itertools.product(triton_configs.TUNED_KERNELS, triton_configs.HEAD_DIMS):
         found = triton_configs.candidates(arch, kernel, "16-bit", True, "short", head_dim)
         assert found[0] == triton_configs.table_config(arch, kernel, "16-bit", True, "short", head_dim)
         assert len(set(found)) == len(found)
@@ -165,7 +176,11 @@ def test_lengths_are_not_specialized():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split("\n")[:4] == [
-        "_attn_fwd N_K N_Q", "_attn_bwd_dkdv N_K N_Q", "_attn_bwd_dq N_K N_Q", "_attn_bwd_preprocess N_Q"]
+        "_attn_fwd N_K N_Q",
+        "_attn_bwd_dkdv N_K N_Q",
+        "_attn_bwd_dq N_K N_Q",
+        "_attn_bwd_preprocess N_Q",
+    ]
 
 
 @pytest.fixture
@@ -185,25 +200,32 @@ def generate_50_tokens():
     """A one-layer GPT with head dim 16 on the triton backend: a 20-token prompt (length
     class "short"), then 50 tokens decoded one at a time against a growing cache."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50, block_size=80, n_layer=1, n_head=1, d_model=16, attn="triton"))
+    model = GPT(GPTConfig(vocab_size=50, block_size=80, n_layer=1, n_head=1, d_model=16, head="full", attn="triton"))
     prompt = torch.randint(0, 50, (1, 20), generator=torch.Generator().manual_seed(1))
     return model.generate(prompt, 50, generator=torch.Generator().manual_seed(2))
 
 
-def test_generating_never_calls_the_tuner(counted_tuner, one_thread):
+def test_generating_never_calls_the_tuner(counted_tuner, one_thread, monkeypatch):
+    decode_calls = []
+    decode = triton_attention.decode_attention
+    monkeypatch.setattr(
+        triton_attention, "decode_attention", lambda *a, **kw: decode_calls.append(1) or decode(*a, **kw)
+    )
     out = generate_50_tokens()
     assert out.shape == (1, 70)
     assert counted_tuner == []
+    assert len(decode_calls) == 49  # every token after the prompt's goes through the split-KV kernel
 
 
 def test_with_autotune_on_each_class_is_tuned_once(counted_tuner, one_thread, monkeypatch, tmp_path):
     monkeypatch.setattr(triton_runtime, "SWITCHES", triton_runtime.Switches(autotune=True, tuning_dir=tmp_path))
     generate_50_tokens()
-    assert len(counted_tuner) == 2  # the prompt ("short") and the first decoding step ("decode"), not every token
+    # The prompt's forward ("short") only: decoding steps take the split-KV kernel's table config.
+    assert len(counted_tuner) == 1
     tuned = json.loads(next(tmp_path.iterdir()).read_text())
-    assert sorted(key.rsplit("/", 1)[-1] for key in tuned) == ["decode", "short"]
-    generate_50_tokens()  # the same classes again: remembered
-    assert len(counted_tuner) == 2
+    assert [key.rsplit("/", 1)[-1] for key in tuned] == ["short"]
+    generate_50_tokens()  # the same class again: remembered
+    assert len(counted_tuner) == 1
 
 
 def test_autotuning_times_each_kernel_on_its_own_and_stays_exact(monkeypatch, tmp_path):

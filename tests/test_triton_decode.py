@@ -7,12 +7,13 @@ the rule in tests/tolerances.py. Without CUDA the kernels run through Triton's
 interpreter, whose small key blocks make the longer caches span several splits, so the
 combine step is exercised; tests that depend on that assert the split count.
 """
+
 import pytest
 import torch
+from tolerances import assert_close_to_reference
 
 from kernels import reference, triton_decode
 from kernels.triton_decode import decode_attention, decode_config, decode_split_plan, split_plan
-from tolerances import assert_close_to_reference
 
 CUDA = torch.cuda.is_available()
 # With CUDA the kernels are compiled, and compiled Triton cannot read CPU tensors.
@@ -24,8 +25,10 @@ DEVICES = [pytest.param("cpu", marks=interpreter_only), pytest.param("cuda", mar
 def random_qkv(q_len, kv_len, dtype, device, batch=1, heads=2, head_dim=32, seed=0, scale_inputs=1.0):
     """q (B, H, q_len, D) and k, v (B, H, kv_len, D), contiguous, standard normal * scale_inputs."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, heads, t, head_dim, generator=g) * scale_inputs).to(dtype).to(device)
-            for t in (q_len, kv_len, kv_len)]
+    return [
+        (torch.randn(batch, heads, t, head_dim, generator=g) * scale_inputs).to(dtype).to(device)
+        for t in (q_len, kv_len, kv_len)
+    ]
 
 
 def check_decode(q, k, v, *, causal, scale=None, run=decode_attention):
@@ -80,10 +83,21 @@ def test_interpreter_caches_span_several_splits(kv_len, splits):
 # (q_len, kv_len, causal). Causal needs q_len <= kv_len, so the longer queries against a
 # 1-key cache run non-causal; the rest of the non-causal cases are a subset.
 LENGTHS = [
-    (1, 1, True), (1, 17, True), (1, 300, True), (1, 1000, True),
-    (3, 17, True), (3, 300, True), (3, 1000, True),
-    (16, 17, True), (16, 300, True), (16, 1000, True),
-    (3, 1, False), (16, 1, False), (1, 300, False), (3, 1000, False), (16, 17, False),
+    (1, 1, True),
+    (1, 17, True),
+    (1, 300, True),
+    (1, 1000, True),
+    (3, 17, True),
+    (3, 300, True),
+    (3, 1000, True),
+    (16, 17, True),
+    (16, 300, True),
+    (16, 1000, True),
+    (3, 1, False),
+    (16, 1, False),
+    (1, 300, False),
+    (3, 1000, False),
+    (16, 17, False),
 ]
 
 
@@ -96,16 +110,24 @@ def test_lengths_float32(device, q_len, kv_len, causal):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("q_len, kv_len, causal", [(1, 1000, True), (3, 300, True), (16, 17, True),
-                                                   (16, 300, False)])
+@pytest.mark.parametrize("q_len, kv_len, causal", [(1, 1000, True), (3, 300, True), (16, 17, True), (16, 300, False)])
 def test_16_bit_dtypes(device, dtype, q_len, kv_len, causal):
     q, k, v = random_qkv(q_len, kv_len, dtype, device, head_dim=64)
     check_decode(q, k, v, causal=causal)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("head_dim, dtype", [(16, torch.float32), (64, torch.float32), (128, torch.bfloat16),
-                                             (128, torch.float32), (256, torch.float16), (256, torch.float32)])
+@pytest.mark.parametrize(
+    "head_dim, dtype",
+    [
+        (16, torch.float32),
+        (64, torch.float32),
+        (128, torch.bfloat16),
+        (128, torch.float32),
+        (256, torch.float16),
+        (256, torch.float32),
+    ],
+)
 def test_head_dims(device, head_dim, dtype):
     q, k, v = random_qkv(3, 100, dtype, device, heads=1, head_dim=head_dim)
     check_decode(q, k, v, causal=True)
@@ -125,14 +147,16 @@ def test_several_splits(device, q_len, kv_len):
 def test_one_key_block_per_split(device, causal):
     """As many splits as key blocks (63 under the interpreter): every split boundary is crossed."""
     q, k, v = random_qkv(3, 1000, torch.float32, device, heads=1)
-    check_decode(q, k, v, causal=causal, run=with_split_size(decode_config(32, torch.float32).block_n))
+    check_decode(
+        q, k, v, causal=causal, run=with_split_size(decode_config(32, torch.float32, torch.device("cpu")).block_n)
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_rows_that_see_no_key_of_a_split(device):
     """Causal, 16 queries, one key past a block: the last split holds only that key, which
     only the last query sees. The other 15 rows get lse = -inf there and must ignore it."""
-    block_n = decode_config(32, torch.float32).block_n
+    block_n = decode_config(32, torch.float32, torch.device("cpu")).block_n
     q, k, v = random_qkv(16, block_n + 1, torch.float32, device)
     check_decode(q, k, v, causal=True, run=with_split_size(block_n))
 
@@ -155,7 +179,7 @@ def test_all_equal_scores(device):
     q = torch.zeros_like(q)
     out = decode_attention(q, k, v, causal=True, scale=1.0)
     seen = torch.arange(300 - 16 + 1, 300 + 1, device=device, dtype=torch.float32)[:, None]  # keys row i sees
-    expected = v.cumsum(2)[:, :, 300 - 16:] / seen
+    expected = v.cumsum(2)[:, :, 300 - 16 :] / seen
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
 
 
