@@ -37,6 +37,7 @@ time per call of a run of calls, from the first issue to the device finishing. O
 on a machine without CUDA) the same code runs, timed with time.perf_counter, and our kernel runs
 through Triton's interpreter: those numbers test the script, not any kernel.
 """
+
 import time
 
 SCRIPT_START = time.monotonic()  # the budget counts from here, before the slow imports
@@ -53,7 +54,7 @@ import signal
 import statistics
 import sys
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -61,6 +62,7 @@ import torch
 import kernels
 from bench.common import attention_fn, backend_context, environment, skip_reason
 from bench.flops import attention_flops, tflops
+from gpt.config import TrainConfig
 from gpt.model import GPT, GPTConfig
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -77,9 +79,11 @@ PASS_LABEL = {"fwd": "fwd", "fwd_bwd": "fwd+bwd", "decode": "decode"}
 # What to measure: the full plan for a GPU, and a tiny one that runs the same code in seconds
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class ModelShape:
     """A GPT to train and sample from (GPTConfig fields), with its batch."""
+
     model: str  # its name in the tables
     n_layer: int
     n_head: int
@@ -115,23 +119,49 @@ class Plan:
     cpu_reps: int  # timed calls per measurement without CUDA
 
 
-# gpt.train's default run (TrainConfig defaults): 4 layers, 4 heads, d_model 128, T 64, batch 32,
-# adaptive head over the 34,216-word vocabulary (GPTConfig's cutoffs), dropout 0.1. "long" is the
-# issue's second shape: the same run with --seq-len 1024 --d-model 512 --n-head 8 --batch-size 16.
-DEFAULT_MODEL = ModelShape("default", n_layer=4, n_head=4, d_model=128, seq_len=64, batch_size=32,
-                           vocab_size=34_216, adaptive_cutoffs=(2_000, 10_000), dropout=0.1)
-LONG_MODEL = ModelShape("long", n_layer=4, n_head=8, d_model=512, seq_len=1024, batch_size=16,
-                        vocab_size=34_216, adaptive_cutoffs=(2_000, 10_000), dropout=0.1)
+def default_run_shape(name: str, **changes) -> ModelShape:
+    """gpt.train's default run (GPTConfig's and TrainConfig's defaults: the Shakespeare vocabulary,
+    adaptive head, dropout), with `changes`."""
+    model, train = GPTConfig(), TrainConfig()
+    shape = ModelShape(
+        name,
+        n_layer=model.n_layer,
+        n_head=model.n_head,
+        d_model=model.d_model,
+        seq_len=train.seq_len,
+        batch_size=train.batch_size,
+        vocab_size=model.vocab_size,
+        adaptive_cutoffs=tuple(model.adaptive_cutoffs),
+        dropout=model.dropout,
+    )
+    return replace(shape, **changes)
+
+
+# "long" is the issue's second shape: the default run with --seq-len 1024 --d-model 512 --n-head 8 --batch-size 16.
+DEFAULT_MODEL = default_run_shape("default")
+LONG_MODEL = default_run_shape("long", n_head=8, d_model=512, seq_len=1024, batch_size=16)
 
 FULL = Plan(
     dtype=torch.bfloat16,
     parity_train=(16, 8, 1024, 64),  # the long model's attention call
     parity_decode=(2, 8, 3001, 128),
-    table_head_dims=(128, 64), table_seqlens=(1024, 4096, 16384), table_tokens=16384, table_model_dim=2048,
-    host_shape=(16, 8, 1024, 64), host_calls=30, host_repeats=5,
-    decode_head_dims=(64, 128), decode_kv_lens=(64, 256, 1024, 4096, 8192), decode_batch=1, decode_heads=8,
-    models=(DEFAULT_MODEL, LONG_MODEL), train_seconds=2.0, sample_tokens=200,
-    bench_warmup_ms=25, bench_rep_ms=100, cpu_reps=5,
+    table_head_dims=(128, 64),
+    table_seqlens=(1024, 4096, 16384),
+    table_tokens=16384,
+    table_model_dim=2048,
+    host_shape=(16, 8, 1024, 64),
+    host_calls=30,
+    host_repeats=5,
+    decode_head_dims=(64, 128),
+    decode_kv_lens=(64, 256, 1024, 4096, 8192),
+    decode_batch=1,
+    decode_heads=8,
+    models=(DEFAULT_MODEL, LONG_MODEL),
+    train_seconds=2.0,
+    sample_tokens=200,
+    bench_warmup_ms=25,
+    bench_rep_ms=100,
+    cpu_reps=5,
 )
 
 # Tiny shapes: our kernel runs interpreted without CUDA, about a second per call even here.
@@ -140,15 +170,46 @@ SMOKE = Plan(
     dtype=torch.bfloat16,
     parity_train=(1, 2, 32, 16),
     parity_decode=(1, 2, 37, 32),
-    table_head_dims=(32, 16), table_seqlens=(32, 64), table_tokens=64, table_model_dim=64,
-    host_shape=(1, 2, 32, 16), host_calls=2, host_repeats=2,
-    decode_head_dims=(16, 32), decode_kv_lens=(17, 40), decode_batch=1, decode_heads=2,
-    models=(ModelShape("default", n_layer=1, n_head=2, d_model=32, seq_len=16, batch_size=2, vocab_size=256,
-                       adaptive_cutoffs=(32, 128), dropout=0.1),
-            ModelShape("long", n_layer=1, n_head=2, d_model=32, seq_len=32, batch_size=1, vocab_size=256,
-                       adaptive_cutoffs=(32, 128), dropout=0.1)),
-    train_seconds=0.0, sample_tokens=4,
-    bench_warmup_ms=5, bench_rep_ms=20, cpu_reps=2,
+    table_head_dims=(32, 16),
+    table_seqlens=(32, 64),
+    table_tokens=64,
+    table_model_dim=64,
+    host_shape=(1, 2, 32, 16),
+    host_calls=2,
+    host_repeats=2,
+    decode_head_dims=(16, 32),
+    decode_kv_lens=(17, 40),
+    decode_batch=1,
+    decode_heads=2,
+    models=(
+        ModelShape(
+            "default",
+            n_layer=1,
+            n_head=2,
+            d_model=32,
+            seq_len=16,
+            batch_size=2,
+            vocab_size=256,
+            adaptive_cutoffs=(32, 128),
+            dropout=0.1,
+        ),
+        ModelShape(
+            "long",
+            n_layer=1,
+            n_head=2,
+            d_model=32,
+            seq_len=32,
+            batch_size=1,
+            vocab_size=256,
+            adaptive_cutoffs=(32, 128),
+            dropout=0.1,
+        ),
+    ),
+    train_seconds=0.0,
+    sample_tokens=4,
+    bench_warmup_ms=5,
+    bench_rep_ms=20,
+    cpu_reps=2,
 )
 
 WARMUP_TRAIN_STEPS = 2
@@ -158,6 +219,7 @@ MIN_TRAIN_STEPS, MAX_TRAIN_STEPS = 2, 200
 # ---------------------------------------------------------------------------------------------
 # The run: results so far, the deadline, first calls, and writing after every cell
 # ---------------------------------------------------------------------------------------------
+
 
 class Skipped(Exception):
     """This cell cannot run here; the message says why."""
@@ -231,8 +293,16 @@ class Run:
         start = time.perf_counter()
         out = fn()
         synchronize(self.device)
-        cells.append({"backend": backend, "head_dim": head_dim, "pass": kind, "where": where,
-                      "seconds": time.perf_counter() - start, "status": "ok"})
+        cells.append(
+            {
+                "backend": backend,
+                "head_dim": head_dim,
+                "pass": kind,
+                "where": where,
+                "seconds": time.perf_counter() - start,
+                "status": "ok",
+            }
+        )
         return out
 
     def write(self) -> str:
@@ -242,15 +312,23 @@ class Run:
         try:
             self.results["targets"] = evaluate_targets(self.results, self.plan)
         except Exception:
-            self.results["targets"] = [{"issue": "-", "target": "evaluating the targets failed", "verdict": "-",
-                                        "measured": traceback.format_exc(limit=-3)}]
+            self.results["targets"] = [
+                {
+                    "issue": "-",
+                    "target": "evaluating the targets failed",
+                    "verdict": "-",
+                    "measured": traceback.format_exc(limit=-3),
+                }
+            ]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.out_dir / "quick.json", json.dumps(self.results, indent=1, default=str) + "\n")
         try:
             markdown = render_markdown(self.results)
         except Exception:
-            markdown = f"# Quick GPU check\n\nRendering the tables failed; quick.json has every number.\n\n" \
-                       f"```\n{traceback.format_exc()}```\n"
+            markdown = (
+                f"# Quick GPU check\n\nRendering the tables failed; quick.json has every number.\n\n"
+                f"```\n{traceback.format_exc()}```\n"
+            )
         atomic_write(self.out_dir / "quick.md", markdown)
         return markdown
 
@@ -312,6 +390,7 @@ def gpu_slug(device: torch.device) -> str:
 # Timing
 # ---------------------------------------------------------------------------------------------
 
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -326,8 +405,9 @@ def median_ms(fn, plan: Plan, device: torch.device) -> dict:
     if device.type == "cuda":
         import triton.testing
 
-        p50, p20, p80 = triton.testing.do_bench(fn, warmup=plan.bench_warmup_ms, rep=plan.bench_rep_ms,
-                                                quantiles=[0.5, 0.2, 0.8])
+        p50, p20, p80 = triton.testing.do_bench(
+            fn, warmup=plan.bench_warmup_ms, rep=plan.bench_rep_ms, quantiles=[0.5, 0.2, 0.8]
+        )
         return {"ms": p50, "ms_p20": p20, "ms_p80": p80}
     times = []
     for _ in range(plan.cpu_reps):
@@ -374,8 +454,11 @@ def device_us(fn, plan: Plan, device: torch.device) -> dict:
             for _ in range(plan.host_calls):
                 fn()
             synchronize(device)
-        total_us = sum(e.self_device_time_total for e in prof.key_averages()
-                       if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+        total_us = sum(
+            e.self_device_time_total
+            for e in prof.key_averages()
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        )
     except Exception as err:  # a profiler that cannot start must not cost the host and wall times
         return {"device_us": None, "device_us_error": one_line(err)}
     return {"device_us": total_us / plan.host_calls if on_cuda else None}
@@ -384,6 +467,7 @@ def device_us(fn, plan: Plan, device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Inputs and passes
 # ---------------------------------------------------------------------------------------------
+
 
 def fused_qkv_views(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, T, 3*H*D) -> three (B, H, T, D) strided views, exactly as CausalSelfAttention makes them."""
@@ -401,6 +485,7 @@ def forward_fn(attn, q, k, v):
     def run():
         with torch.no_grad():
             return attn(q, k, v)
+
     return run
 
 
@@ -410,6 +495,7 @@ def forward_backward_fn(attn, q, k, v):
 
     def run():
         return torch.autograd.grad(attn(q, k, v), (q, k, v), dout)
+
     return run
 
 
@@ -420,7 +506,9 @@ def attention_backend_fn(backend: str):
 def runnable(backend: str, seqlen: int, device: torch.device) -> None:
     """Raise Skipped if `backend` cannot run here. Our kernel runs even without CUDA (through
     Triton's interpreter, on the tiny shapes of --smoke), so it only asks kernels itself."""
-    reason = kernels.unavailable_reason(backend, device) if backend in kernels.BACKENDS else skip_reason(backend, seqlen)
+    reason = (
+        kernels.unavailable_reason(backend, device) if backend in kernels.BACKENDS else skip_reason(backend, seqlen)
+    )
     if reason:
         raise Skipped(reason)
 
@@ -428,6 +516,7 @@ def runnable(backend: str, seqlen: int, device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------------------------
+
 
 def max_abs_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
     """max |actual - exact| in float64; inf where actual is NaN or Inf."""
@@ -474,8 +563,11 @@ def parity(run: Run) -> None:
 
     dtype = dtype_name(plan.dtype)
     B, H, T, D = plan.parity_train
-    run.cell("parity", {"case": "training fwd+bwd, fused-QKV views", "shape": shape_dict(B, H, T, T, D),
-                        "dtype": dtype}, training_case)
+    run.cell(
+        "parity",
+        {"case": "training fwd+bwd, fused-QKV views", "shape": shape_dict(B, H, T, T, D), "dtype": dtype},
+        training_case,
+    )
     B, H, Tk, D = plan.parity_decode
     run.cell("parity", {"case": "decode, q_len 1", "shape": shape_dict(B, H, 1, Tk, D), "dtype": dtype}, decode_case)
     run.end_section("parity")
@@ -485,8 +577,14 @@ def error_rows(ours: dict, sdpa: dict, exact: dict) -> list:
     rows = []
     for name, exact_value in exact.items():
         err, base = max_abs_error(ours[name], exact_value), max_abs_error(sdpa[name], exact_value)
-        rows.append({"tensor": name, "triton_max_err": err, "sdpa_max_err": base,
-                     "ratio": err / base if base > 0 else (0.0 if err == 0 else math.inf)})
+        rows.append(
+            {
+                "tensor": name,
+                "triton_max_err": err,
+                "sdpa_max_err": base,
+                "ratio": err / base if base > 0 else (0.0 if err == 0 else math.inf),
+            }
+        )
     return rows
 
 
@@ -499,14 +597,25 @@ def kernel_table(run: Run) -> None:
             batch, heads = max(1, plan.table_tokens // seqlen), max(1, plan.table_model_dim // head_dim)
             for mode in PASSES:
                 for backend in TABLE_BACKENDS:
-                    key = {"backend": backend, "pass": mode, "head_dim": head_dim, "seqlen": seqlen,
-                           "batch": batch, "heads": heads, "dtype": dtype_name(plan.dtype)}
+                    key = {
+                        "backend": backend,
+                        "pass": mode,
+                        "head_dim": head_dim,
+                        "seqlen": seqlen,
+                        "batch": batch,
+                        "heads": heads,
+                        "dtype": dtype_name(plan.dtype),
+                    }
 
                     def measure(backend=backend, mode=mode, batch=batch, heads=heads, seqlen=seqlen, head_dim=head_dim):
                         runnable(backend, seqlen, device)
                         attn = attention_fn(backend, seqlen, device)
-                        q, k, v = (randn(batch, heads, seqlen, head_dim, dtype=plan.dtype, device=device, seed=s)
-                                   .requires_grad_(mode == "fwd_bwd") for s in range(3))
+                        q, k, v = (
+                            randn(
+                                batch, heads, seqlen, head_dim, dtype=plan.dtype, device=device, seed=s
+                            ).requires_grad_(mode == "fwd_bwd")
+                            for s in range(3)
+                        )
                         fn = (forward_fn if mode == "fwd" else forward_backward_fn)(attn, q, k, v)
                         with backend_context(backend):
                             run.first_call(backend, head_dim, mode, "kernel_table", fn)
@@ -526,6 +635,7 @@ def host_time(run: Run) -> None:
     B, H, T, D = plan.host_shape
     for mode in PASSES:
         for backend in ("triton", "sdpa"):
+
             def measure(backend=backend, mode=mode):
                 runnable(backend, T, device)
                 qkv = randn(B, T, 3 * H * D, dtype=plan.dtype, device=device, seed=0).requires_grad_(mode == "fwd_bwd")
@@ -535,9 +645,17 @@ def host_time(run: Run) -> None:
                 fn()  # one more warm-up call: allocator and caches settle
                 return {**host_and_wall_us(fn, plan, device), **device_us(fn, plan, device)}
 
-            run.cell("host_time", {"backend": backend, "pass": mode, **shape_dict(B, H, T, T, D),
-                                   "qkv": "views of a fused (B, T, 3*H*D) projection",
-                                   "dtype": dtype_name(plan.dtype)}, measure)
+            run.cell(
+                "host_time",
+                {
+                    "backend": backend,
+                    "pass": mode,
+                    **shape_dict(B, H, T, T, D),
+                    "qkv": "views of a fused (B, T, 3*H*D) projection",
+                    "dtype": dtype_name(plan.dtype),
+                },
+                measure,
+            )
     run.end_section("host_time")
 
 
@@ -549,6 +667,7 @@ def decode(run: Run) -> None:
     for head_dim in plan.decode_head_dims:
         for kv_len in plan.decode_kv_lens:
             for backend in ("triton", "sdpa"):
+
                 def measure(backend=backend, head_dim=head_dim, kv_len=kv_len):
                     runnable(backend, kv_len, device)
                     # q is a view of this step's fused projection; k, v are the cache (torch.cat: contiguous).
@@ -558,16 +677,26 @@ def decode(run: Run) -> None:
                     run.first_call(backend, head_dim, "decode", "decode", fn)
                     return {**median_ms(fn, plan, device), **host_and_wall_us(fn, plan, device)}
 
-                run.cell("decode", {"backend": backend, **shape_dict(B, H, 1, kv_len, head_dim),
-                                    "dtype": dtype_name(plan.dtype)}, measure)
+                run.cell(
+                    "decode",
+                    {"backend": backend, **shape_dict(B, H, 1, kv_len, head_dim), "dtype": dtype_name(plan.dtype)},
+                    measure,
+                )
     run.end_section("decode")
 
 
 def build_model(shape: ModelShape, backend: str, device: torch.device) -> GPT:
     torch.manual_seed(0)  # the same weights for every backend
-    config = GPTConfig(vocab_size=shape.vocab_size, block_size=shape.seq_len, n_layer=shape.n_layer,
-                       n_head=shape.n_head, d_model=shape.d_model, dropout=shape.dropout, attn=backend,
-                       head="adaptive", adaptive_cutoffs=list(shape.adaptive_cutoffs))
+    config = GPTConfig(
+        vocab_size=shape.vocab_size,
+        block_size=shape.seq_len,
+        n_layer=shape.n_layer,
+        n_head=shape.n_head,
+        d_model=shape.d_model,
+        dropout=shape.dropout,
+        attn=backend,
+        adaptive_cutoffs=list(shape.adaptive_cutoffs),
+    )
     return GPT(config).to(device)
 
 
@@ -577,13 +706,18 @@ def training(run: Run) -> None:
     run.start_section("training")
     for shape in plan.models:
         for backend in ("triton", "sdpa"):
+
             def train(shape=shape, backend=backend):
                 runnable(backend, shape.seq_len, device)
                 model = build_model(shape, backend, device)
                 optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.1)
                 # A few random batches, made on the device up front: no data loading in the loop.
-                tokens = torch.randint(shape.vocab_size, (4, shape.batch_size, shape.seq_len + 1), device=device,
-                                       generator=torch.Generator(device=device).manual_seed(0))
+                tokens = torch.randint(
+                    shape.vocab_size,
+                    (4, shape.batch_size, shape.seq_len + 1),
+                    device=device,
+                    generator=torch.Generator(device=device).manual_seed(0),
+                )
                 batches = itertools.cycle(tokens)  # (batch_size, seq_len + 1) each
 
                 def step():
@@ -600,8 +734,12 @@ def training(run: Run) -> None:
                 one_step = timed(step, device)  # sizes the timed run
                 steps = max(MIN_TRAIN_STEPS, min(MAX_TRAIN_STEPS, math.ceil(plan.train_seconds / one_step)))
                 seconds = timed(lambda: [step() for _ in range(steps)], device)
-                return {"first_step_s": first_step_s, "steps": steps, "seconds": seconds,
-                        "tokens_per_s": steps * shape.batch_size * shape.seq_len / seconds}
+                return {
+                    "first_step_s": first_step_s,
+                    "steps": steps,
+                    "seconds": seconds,
+                    "tokens_per_s": steps * shape.batch_size * shape.seq_len / seconds,
+                }
 
             def sample(shape=shape, backend=backend):
                 runnable(backend, shape.seq_len, device)
@@ -613,8 +751,12 @@ def training(run: Run) -> None:
 
                 first_s = timed(lambda: generate(min(16, plan.sample_tokens)), device)  # decode lengths compile here
                 seconds = timed(lambda: generate(plan.sample_tokens), device)
-                return {"first_generate_s": first_s, "tokens": plan.sample_tokens, "seconds": seconds,
-                        "tokens_per_s": plan.sample_tokens / seconds}
+                return {
+                    "first_generate_s": first_s,
+                    "tokens": plan.sample_tokens,
+                    "seconds": seconds,
+                    "tokens_per_s": plan.sample_tokens / seconds,
+                }
 
             key = {"backend": backend, **asdict(shape)}
             run.cell("training", {**key, "what": "train", "dtype": f"{dtype_name(plan.dtype)} autocast"}, train)
@@ -635,6 +777,7 @@ def timed(fn, device: torch.device) -> float:
 # ---------------------------------------------------------------------------------------------
 # Targets (issues 10 and 11): "met" / "not met" from this run's numbers, or why there is no verdict
 # ---------------------------------------------------------------------------------------------
+
 
 def find(results: dict, section: str, **key):
     """The first cell of `section` whose fields match key, or None."""
@@ -687,57 +830,99 @@ def evaluate_targets(results: dict, plan: Plan) -> list:
         measured = cell.get("errors", []) if cell["status"] == "ok" else [None]
         checks += [None if r is None else r["ratio"] <= 2.0 for r in measured]
         errors += [r for r in measured if r is not None]
-    target(10, "parity: triton's max error <= 2x sdpa's at the same precision", checks,
-           f"worst ratio {fmt(max(r['ratio'] for r in errors))}" if errors else "-", gpu_only=False)
+    target(
+        10,
+        "parity: triton's max error <= 2x sdpa's at the same precision",
+        checks,
+        f"worst ratio {fmt(max(r['ratio'] for r in errors))}" if errors else "-",
+        gpu_only=False,
+    )
 
     # Kernel table (issue 11).
     cells = [(d, t) for d in plan.table_head_dims for t in plan.table_seqlens]
     for mode in PASSES:
-        speedups = [ratio(value(results, "kernel_table", "ms", backend="sdpa", **table_key(mode, d, t)),
-                          value(results, "kernel_table", "ms", backend="triton", **table_key(mode, d, t)))
-                    for d, t in cells]
-        target(11, f"{PASS_LABEL[mode]}, bf16, causal: triton >= 1.0x sdpa's TFLOP/s at every T and D",
-               [at_least(s, 1.0) for s in speedups], ratio_range(speedups))
+        speedups = [
+            ratio(
+                value(results, "kernel_table", "ms", backend="sdpa", **table_key(mode, d, t)),
+                value(results, "kernel_table", "ms", backend="triton", **table_key(mode, d, t)),
+            )
+            for d, t in cells
+        ]
+        target(
+            11,
+            f"{PASS_LABEL[mode]}, bf16, causal: triton >= 1.0x sdpa's TFLOP/s at every T and D",
+            [at_least(s, 1.0) for s in speedups],
+            ratio_range(speedups),
+        )
         long = [s for (d, t), s in zip(cells, speedups) if t >= 4096]
-        target(11, f"{PASS_LABEL[mode]} stretch: >= 1.1x sdpa at T >= 4k", [at_least(s, 1.1) for s in long],
-               ratio_range(long))
+        target(
+            11,
+            f"{PASS_LABEL[mode]} stretch: >= 1.1x sdpa at T >= 4k",
+            [at_least(s, 1.1) for s in long],
+            ratio_range(long),
+        )
     for mode, bound in (("fwd", 600.0), ("fwd_bwd", 550.0)):
         achieved = value(results, "kernel_table", "tflops", backend="triton", **table_key(mode, 128, 16384))
-        target(11, f"{PASS_LABEL[mode]} at D 128, T 16k: triton >= {bound:.0f} TFLOP/s", [at_least(achieved, bound)],
-               f"{fmt(achieved)} TFLOP/s" if achieved is not None else "-")
+        target(
+            11,
+            f"{PASS_LABEL[mode]} at D 128, T 16k: triton >= {bound:.0f} TFLOP/s",
+            [at_least(achieved, bound)],
+            f"{fmt(achieved)} TFLOP/s" if achieved is not None else "-",
+        )
 
     # Host time per call at the training shape (issue 10, item 2).
     for mode, bound in (("fwd", 75.0), ("fwd_bwd", 550.0)):
         ours = value(results, "host_time", "host_us", backend="triton", **{"pass": mode})
         theirs = value(results, "host_time", "host_us", backend="sdpa", **{"pass": mode})
         host_ratio = ratio(ours, theirs)
-        target(10, f"host time per {PASS_LABEL[mode]} call <= {bound:.0f} us and <= 1.5x sdpa's",
-               [at_most(ours, bound), at_most(host_ratio, 1.5)],
-               f"{fmt(ours)} us, {fmt(host_ratio)}x sdpa" if ours is not None else "-")
+        target(
+            10,
+            f"host time per {PASS_LABEL[mode]} call <= {bound:.0f} us and <= 1.5x sdpa's",
+            [at_most(ours, bound), at_most(host_ratio, 1.5)],
+            f"{fmt(ours)} us, {fmt(host_ratio)}x sdpa" if ours is not None else "-",
+        )
 
     # First call per head dim, compilation included (issue 10, item 1).
     for head_dim in sorted(set(plan.table_head_dims)):
         seconds = [first_call_seconds(results, "triton", head_dim, kind) for kind in ("fwd", "fwd_bwd", "decode")]
         total = sum(seconds) if None not in seconds else None
-        target(10, f"first calls at head dim {head_dim} (fwd, fwd+bwd, decode together) <= 10 s",
-               [at_most(total, 10.0)] if total is not None else [None],
-               "-" if seconds == [None] * 3 else " + ".join(fmt(s) for s in seconds) + f" = {fmt(total)} s")
+        target(
+            10,
+            f"first calls at head dim {head_dim} (fwd, fwd+bwd, decode together) <= 10 s",
+            [at_most(total, 10.0)] if total is not None else [None],
+            "-" if seconds == [None] * 3 else " + ".join(fmt(s) for s in seconds) + f" = {fmt(total)} s",
+        )
 
     # Decode per call (issue 10, item 3).
     for field, what in (("ms", "device time (do_bench)"), ("wall_us", "wall time")):
-        ratios = [ratio(value(results, "decode", field, backend="triton", head_dim=d, kv_len=n),
-                        value(results, "decode", field, backend="sdpa", head_dim=d, kv_len=n))
-                  for d in plan.decode_head_dims for n in plan.decode_kv_lens]
-        target(10, f"decode {what} per call <= sdpa's at every kv_len and D", [at_most(r, 1.0) for r in ratios],
-               "triton/sdpa " + ratio_range(ratios))
+        ratios = [
+            ratio(
+                value(results, "decode", field, backend="triton", head_dim=d, kv_len=n),
+                value(results, "decode", field, backend="sdpa", head_dim=d, kv_len=n),
+            )
+            for d in plan.decode_head_dims
+            for n in plan.decode_kv_lens
+        ]
+        target(
+            10,
+            f"decode {what} per call <= sdpa's at every kv_len and D",
+            [at_most(r, 1.0) for r in ratios],
+            "triton/sdpa " + ratio_range(ratios),
+        )
 
     # Training and sampling tokens/s (issue 10, items 3 and 5).
     for what in ("train", "sample"):
         for shape in plan.models:
-            r = ratio(value(results, "training", "tokens_per_s", backend="triton", model=shape.model, what=what),
-                      value(results, "training", "tokens_per_s", backend="sdpa", model=shape.model, what=what))
-            target(10, f"{'training' if what == 'train' else 'sampling'} tokens/s, {shape.model} model: "
-                       "triton >= 1.0x sdpa", [at_least(r, 1.0)], f"{fmt(r)}x" if r is not None else "-")
+            r = ratio(
+                value(results, "training", "tokens_per_s", backend="triton", model=shape.model, what=what),
+                value(results, "training", "tokens_per_s", backend="sdpa", model=shape.model, what=what),
+            )
+            target(
+                10,
+                f"{'training' if what == 'train' else 'sampling'} tokens/s, {shape.model} model: triton >= 1.0x sdpa",
+                [at_least(r, 1.0)],
+                f"{fmt(r)}x" if r is not None else "-",
+            )
     return rows
 
 
@@ -760,6 +945,7 @@ def ratio_range(ratios: list) -> str:
 # ---------------------------------------------------------------------------------------------
 # Markdown
 # ---------------------------------------------------------------------------------------------
+
 
 def fmt(x) -> str:
     if x is None:
@@ -795,8 +981,11 @@ def summary(cell: dict) -> str:
 
 
 def markdown_table(header: list, rows: list) -> list:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
+    ]
 
 
 def shown(results: dict, section: str, field: str, **key) -> str:
@@ -816,95 +1005,160 @@ def heading(title: str, *notes: str) -> list:
 def render_markdown(results: dict) -> str:
     env = results["environment"]
     title = "Quick GPU check" + (" (--smoke: tiny shapes, numbers test the script only)" if results["smoke"] else "")
-    lines = [f"# {title}", "",
-             f"{env.get('device_name')} ({env.get('device')}), torch {env.get('torch')}, triton {env.get('triton')}, "
-             f"CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, {env.get('date')}; `{results['command']}`; "
-             f"{results['elapsed_s']} s of a {results['budget_s']:.0f} s budget"
-             + ("" if results["finished"] else " (run not finished)") + "."]
+    lines = [
+        f"# {title}",
+        "",
+        f"{env.get('device_name')} ({env.get('device')}), torch {env.get('torch')}, triton {env.get('triton')}, "
+        f"CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, {env.get('date')}; `{results['command']}`; "
+        f"{results['elapsed_s']} s of a {results['budget_s']:.0f} s budget"
+        + ("" if results["finished"] else " (run not finished)")
+        + ".",
+    ]
 
     lines += heading("Targets (issues 10 and 11)")
-    lines += markdown_table(["issue", "target", "measured", "verdict"],
-                            [[t["issue"], t["target"], t["measured"], t["verdict"]] for t in results["targets"]])
+    lines += markdown_table(
+        ["issue", "target", "measured", "verdict"],
+        [[t["issue"], t["target"], t["measured"], t["verdict"]] for t in results["targets"]],
+    )
 
     lines += heading("Parity against float64")
     rows = []
     for cell in results["sections"]["parity"]["cells"]:
         shape = cell["shape"]
-        name = f"{cell['case']}, B {shape['batch']} H {shape['heads']} q {shape['q_len']} kv {shape['kv_len']} D {shape['head_dim']}"
+        name = (
+            f"{cell['case']}, B {shape['batch']} H {shape['heads']} q {shape['q_len']} kv {shape['kv_len']} "
+            f"D {shape['head_dim']}"
+        )
         if cell["status"] != "ok":
             rows.append([name, "-", "-", "-", cell["status"].split(":")[0]])
         for r in cell.get("errors", []):
             rows.append([name, r["tensor"], f"{r['triton_max_err']:.3e}", f"{r['sdpa_max_err']:.3e}", fmt(r["ratio"])])
     lines += markdown_table(["case (bf16)", "tensor", "triton max err", "sdpa max err", "triton / sdpa"], rows)
 
-    lines += heading("Kernel table: TFLOP/s, bf16, causal (fwd 4*B*H*T*T*D/2, fwd+bwd 3.5x that)",
-                     "batch = tokens / T, heads = model dim / D; median of triton.testing.do_bench; "
-                     "x sdpa = triton's TFLOP/s over sdpa's (default dispatch), same run.")
+    lines += heading(
+        "Kernel table: TFLOP/s, bf16, causal (fwd 4*B*H*T*T*D/2, fwd+bwd 3.5x that)",
+        "batch = tokens / T, heads = model dim / D; median of triton.testing.do_bench; "
+        "x sdpa = triton's TFLOP/s over sdpa's (default dispatch), same run.",
+    )
     header = ["D", "T"]
     for mode in PASSES:
         header += [f"{b} {PASS_LABEL[mode]}" for b in TABLE_BACKENDS] + [f"x sdpa {PASS_LABEL[mode]}"]
     rows = []
-    for d, t in sorted({(c["head_dim"], c["seqlen"]) for c in results["sections"]["kernel_table"]["cells"]},
-                       key=lambda dt: (-dt[0], -dt[1])):
+    for d, t in sorted(
+        {(c["head_dim"], c["seqlen"]) for c in results["sections"]["kernel_table"]["cells"]},
+        key=lambda dt: (-dt[0], -dt[1]),
+    ):
         row = [d, t]
         for mode in PASSES:
             key = table_key(mode, d, t)
             row += [shown(results, "kernel_table", "tflops", backend=b, **key) for b in TABLE_BACKENDS]
-            row.append(fmt(ratio(value(results, "kernel_table", "ms", backend="sdpa", **key),
-                                 value(results, "kernel_table", "ms", backend="triton", **key))))
+            row.append(
+                fmt(
+                    ratio(
+                        value(results, "kernel_table", "ms", backend="sdpa", **key),
+                        value(results, "kernel_table", "ms", backend="triton", **key),
+                    )
+                )
+            )
         rows.append(row)
     lines += markdown_table(header, rows)
 
-    lines += heading("Host and device time per call at the training shape (fused-QKV views)",
-                     "host: CPU time to issue a call without waiting; device: kernel time (torch.profiler); "
-                     "wall: per call over a run of calls.")
+    lines += heading(
+        "Host and device time per call at the training shape (fused-QKV views)",
+        "host: CPU time to issue a call without waiting; device: kernel time (torch.profiler); "
+        "wall: per call over a run of calls.",
+    )
     rows = []
     for mode in PASSES:
         for backend in ("triton", "sdpa"):
             key = {"backend": backend, "pass": mode}
-            rows.append([backend, PASS_LABEL[mode]] + [shown(results, "host_time", f, **key)
-                                                       for f in ("host_us", "device_us", "wall_us")])
-        rows.append(["triton / sdpa", PASS_LABEL[mode]] + [
-            fmt(ratio(value(results, "host_time", f, backend="triton", **{"pass": mode}),
-                      value(results, "host_time", f, backend="sdpa", **{"pass": mode})))
-            for f in ("host_us", "device_us", "wall_us")])
+            rows.append(
+                [backend, PASS_LABEL[mode]]
+                + [shown(results, "host_time", f, **key) for f in ("host_us", "device_us", "wall_us")]
+            )
+        rows.append(
+            ["triton / sdpa", PASS_LABEL[mode]]
+            + [
+                fmt(
+                    ratio(
+                        value(results, "host_time", f, backend="triton", **{"pass": mode}),
+                        value(results, "host_time", f, backend="sdpa", **{"pass": mode}),
+                    )
+                )
+                for f in ("host_us", "device_us", "wall_us")
+            ]
+        )
     lines += markdown_table(["backend", "pass", "host us", "device us", "wall us"], rows)
 
-    lines += heading("Decode: q_len 1 against a KV cache",
-                     "device: median do_bench time per call; wall: per call over a run of calls (what generate pays).")
+    lines += heading(
+        "Decode: q_len 1 against a KV cache",
+        "device: median do_bench time per call; wall: per call over a run of calls (what generate pays).",
+    )
     rows = []
     for d, n in sorted({(c["head_dim"], c["kv_len"]) for c in results["sections"]["decode"]["cells"]}):
         row = [d, n]
         for field, scale in (("ms", 1e3), ("wall_us", 1.0)):
             ours = value(results, "decode", field, backend="triton", head_dim=d, kv_len=n)
             theirs = value(results, "decode", field, backend="sdpa", head_dim=d, kv_len=n)
-            row += [shown(results, "decode", field, backend="triton", head_dim=d, kv_len=n) if ours is None
-                    else fmt(ours * scale),
-                    shown(results, "decode", field, backend="sdpa", head_dim=d, kv_len=n) if theirs is None
-                    else fmt(theirs * scale),
-                    fmt(ratio(ours, theirs))]
+            row += [
+                shown(results, "decode", field, backend="triton", head_dim=d, kv_len=n)
+                if ours is None
+                else fmt(ours * scale),
+                shown(results, "decode", field, backend="sdpa", head_dim=d, kv_len=n)
+                if theirs is None
+                else fmt(theirs * scale),
+                fmt(ratio(ours, theirs)),
+            ]
         rows.append(row)
-    lines += markdown_table(["D", "kv_len", "triton device us", "sdpa device us", "triton / sdpa",
-                             "triton wall us", "sdpa wall us", "triton / sdpa"], rows)
+    lines += markdown_table(
+        [
+            "D",
+            "kv_len",
+            "triton device us",
+            "sdpa device us",
+            "triton / sdpa",
+            "triton wall us",
+            "sdpa wall us",
+            "triton / sdpa",
+        ],
+        rows,
+    )
 
     lines += heading("First call (compilation included), in the order the script made them")
-    lines += markdown_table(["backend", "D", "pass", "seconds", "first made in"],
-                            [[c["backend"], c["head_dim"], PASS_LABEL[c["pass"]], fmt(c["seconds"]), c["where"]]
-                             for c in results["sections"]["first_call"]["cells"]])
+    lines += markdown_table(
+        ["backend", "D", "pass", "seconds", "first made in"],
+        [
+            [c["backend"], c["head_dim"], PASS_LABEL[c["pass"]], fmt(c["seconds"]), c["where"]]
+            for c in results["sections"]["first_call"]["cells"]
+        ],
+    )
 
-    lines += heading("Training and sampling tokens/s",
-                     "train: plain loop, bf16 autocast, AdamW, random tokens; sample: model.generate with the "
-                     "KV cache, batch 1, float32 (as gpt.sample runs it).")
+    lines += heading(
+        "Training and sampling tokens/s",
+        "train: plain loop, bf16 autocast, AdamW, random tokens; sample: model.generate with the "
+        "KV cache, batch 1, float32 (as gpt.sample runs it).",
+    )
     rows = []
     for name in dict.fromkeys(c["model"] for c in results["sections"]["training"]["cells"]):
         cell = find(results, "training", model=name)
-        shape = f"{cell['n_layer']} layers, d {cell['d_model']}, {cell['n_head']} heads, T {cell['seq_len']}, B {cell['batch_size']}"
+        shape = (
+            f"{cell['n_layer']} layers, d {cell['d_model']}, {cell['n_head']} heads, "
+            f"T {cell['seq_len']}, B {cell['batch_size']}"
+        )
         for what in ("train", "sample"):
             key = {"model": name, "what": what}
             ours = value(results, "training", "tokens_per_s", backend="triton", **key)
             theirs = value(results, "training", "tokens_per_s", backend="sdpa", **key)
-            rows.append([name, shape, what, shown(results, "training", "tokens_per_s", backend="triton", **key),
-                         shown(results, "training", "tokens_per_s", backend="sdpa", **key), fmt(ratio(ours, theirs))])
+            rows.append(
+                [
+                    name,
+                    shape,
+                    what,
+                    shown(results, "training", "tokens_per_s", backend="triton", **key),
+                    shown(results, "training", "tokens_per_s", backend="sdpa", **key),
+                    fmt(ratio(ours, theirs)),
+                ]
+            )
     lines += markdown_table(["model", "shape", "what", "triton tok/s", "sdpa tok/s", "triton / sdpa"], rows)
 
     not_run = {}
@@ -915,7 +1169,9 @@ def render_markdown(results: dict) -> str:
     if not_run:  # kept short: the printed tail of a device call is 12,000 characters; quick.json has it all
         lines += heading("Not measured")
         for status, where in list(not_run.items())[:10]:
-            lines.append(f"- {status}: " + "; ".join(where[:6]) + (f"; and {len(where) - 6} more" if len(where) > 6 else ""))
+            lines.append(
+                f"- {status}: " + "; ".join(where[:6]) + (f"; and {len(where) - 6} more" if len(where) > 6 else "")
+            )
         if len(not_run) > 10:
             lines.append(f"- and {len(not_run) - 10} other reasons: see quick.json")
     return "\n".join(lines) + "\n"
@@ -925,14 +1181,23 @@ def render_markdown(results: dict) -> str:
 # Main
 # ---------------------------------------------------------------------------------------------
 
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.quick", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=None,
-                        help="directory for quick.json and quick.md (default: bench/results/<gpu-slug>/; "
-                             "with --smoke out/bench-quick-smoke/)")
-    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
-                        help=f"seconds after which no new cell starts (default: {DEFAULT_BUDGET_S:.0f}); "
-                             f"a cell still running {HARD_STOP_GRACE_S:.0f} s later is interrupted")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="directory for quick.json and quick.md (default: bench/results/<gpu-slug>/; "
+        "with --smoke out/bench-quick-smoke/)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help=f"seconds after which no new cell starts (default: {DEFAULT_BUDGET_S:.0f}); "
+        f"a cell still running {HARD_STOP_GRACE_S:.0f} s later is interrupted",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and few iterations, on any device (CI)")
     args = parser.parse_args(argv)
     if args.budget < 0:
