@@ -1,6 +1,7 @@
 """bench.quick is the first thing every GPU session runs, with minutes of GPU time to spend: it must
 not crash there. `--smoke` runs the same code on tiny shapes on the CPU (our kernel interpreted,
 the CUDA-only sdpa kernels skipped with their reason), and these tests check what it writes."""
+
 import json
 import math
 
@@ -48,8 +49,12 @@ def test_smoke_measures_every_cell(smoke):
 
 def test_smoke_covers_both_backends_everywhere(smoke):
     results, _, _ = smoke
-    ran = {(section, c.get("backend")) for section in SECTIONS for c in results["sections"][section]["cells"]
-           if c["status"] == "ok"}
+    ran = {
+        (section, c.get("backend"))
+        for section in SECTIONS
+        for c in results["sections"][section]["cells"]
+        if c["status"] == "ok"
+    }
     for section in ("kernel_table", "host_time", "decode", "training"):
         assert {(section, "triton"), (section, "sdpa")} <= ran, section
     # The first call of our kernel is recorded for every head dim and kind of call the table checks.
@@ -64,7 +69,9 @@ def test_smoke_parity_is_within_the_project_tolerance(smoke):
     cells = results["sections"]["parity"]["cells"]
     assert [c["status"] for c in cells] == ["ok", "ok"]
     for cell in cells:
-        assert {r["tensor"] for r in cell["errors"]} == ({"out", "dq", "dk", "dv"} if "training" in cell["case"] else {"out"})
+        assert {r["tensor"] for r in cell["errors"]} == (
+            {"out", "dq", "dk", "dv"} if "training" in cell["case"] else {"out"}
+        )
         for row in cell["errors"]:
             err, base = row["triton_max_err"], row["sdpa_max_err"]
             assert math.isfinite(err) and math.isfinite(base) and base > 0, row
@@ -105,13 +112,20 @@ def test_a_cell_records_its_failure_and_the_run_goes_on(tmp_path):
     def unsupported():
         raise quick.Skipped("no kernel for this shape")
 
-    assert run.cell("decode", {"backend": "triton"}, broken)["status"] == \
-        "failed: RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert (
+        run.cell("decode", {"backend": "triton"}, broken)["status"]
+        == "failed: RuntimeError: CUDA error: an illegal memory access was encountered"
+    )
     assert run.cell("decode", {"backend": "sdpa"}, interrupted)["status"].startswith("stopped:")
     assert run.cell("decode", {"backend": "x"}, unsupported)["status"] == "skipped: no kernel for this shape"
     assert run.cell("decode", {"backend": "y"}, lambda: {"ms": 1.0})["status"] == "ok"
     written = json.loads((tmp_path / "quick.json").read_text())  # rewritten after every cell
-    assert [c["status"].split(":")[0] for c in written["sections"]["decode"]["cells"]] == ["failed", "stopped", "skipped", "ok"]
+    assert [c["status"].split(":")[0] for c in written["sections"]["decode"]["cells"]] == [
+        "failed",
+        "stopped",
+        "skipped",
+        "ok",
+    ]
     assert "RuntimeError" in written["sections"]["decode"]["cells"][0]["traceback"]
 
 
@@ -130,15 +144,26 @@ def test_gpu_verdicts_and_tables_from_made_up_numbers(tmp_path):
         sections[section]["cells"].append({"status": "ok", **cell})
 
     B, H, T, D = plan.parity_train
-    add("parity", case="training", shape=quick.shape_dict(B, H, T, T, D),
-        errors=[{"tensor": "out", "triton_max_err": 3e-3, "sdpa_max_err": 2e-3, "ratio": 1.5}])
+    add(
+        "parity",
+        case="training",
+        shape=quick.shape_dict(B, H, T, T, D),
+        errors=[{"tensor": "out", "triton_max_err": 3e-3, "sdpa_max_err": 2e-3, "ratio": 1.5}],
+    )
     for d in plan.table_head_dims:
         for t in plan.table_seqlens:
             for mode in quick.PASSES:
                 for backend, ms in (("triton", 0.9), ("sdpa", 1.0), ("sdpa-flash", 1.2)):
                     add("kernel_table", backend=backend, head_dim=d, seqlen=t, ms=ms, tflops=500 / ms, **{"pass": mode})
                 sections["kernel_table"]["cells"].append(
-                    {"backend": "sdpa-cudnn", "head_dim": d, "seqlen": t, "pass": mode, "status": "failed: RuntimeError: x"})
+                    {
+                        "backend": "sdpa-cudnn",
+                        "head_dim": d,
+                        "seqlen": t,
+                        "pass": mode,
+                        "status": "failed: RuntimeError: x",
+                    }
+                )
     for mode, ours, theirs in (("fwd", 70.0, 50.0), ("fwd_bwd", 600.0, 500.0)):
         add("host_time", backend="triton", host_us=ours, device_us=10.0, wall_us=ours, **{"pass": mode})
         add("host_time", backend="sdpa", host_us=theirs, device_us=10.0, wall_us=theirs, **{"pass": mode})
@@ -165,7 +190,9 @@ def test_gpu_verdicts_and_tables_from_made_up_numbers(tmp_path):
     assert verdicts["host time per fwd+bwd call <= 550 us and <= 1.5x sdpa's"] == "not met"
     assert verdicts["first calls at head dim 64 (fwd, fwd+bwd, decode together) <= 10 s"] == "met"
     assert verdicts["first calls at head dim 128 (fwd, fwd+bwd, decode together) <= 10 s"] == "not met"
-    assert verdicts["decode wall time per call <= sdpa's at every kv_len and D"] == "not measured (8 of 10 cells measured)"
+    assert (
+        verdicts["decode wall time per call <= sdpa's at every kv_len and D"] == "not measured (8 of 10 cells measured)"
+    )
     assert verdicts["training tokens/s, long model: triton >= 1.0x sdpa"] == "met"
     assert "| 128 | 16384 | 556 | 500 | 417 | failed | 1.11 |" in markdown
     assert "- failed: RuntimeError: x: kernel_table backend=sdpa-cudnn" in markdown

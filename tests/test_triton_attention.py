@@ -7,6 +7,7 @@ shapes. Every test compares against kernels.reference in float64 with the rule i
 tests/tolerances.py. The CUDA cases are the same tests on device="cuda", plus bigger
 shapes that only make sense on a GPU, and a run of every autotuning candidate.
 """
+
 import math
 import os
 import subprocess
@@ -14,12 +15,11 @@ import sys
 
 import pytest
 import torch
+from tolerances import assert_close_to_reference, lse_recompute_atol
 
 import kernels
-from kernels import reference
-from kernels import triton_attention, triton_configs, triton_runtime  # without CUDA: warns (interpreter)
+from kernels import reference, triton_attention, triton_configs, triton_runtime  # without CUDA: warns (interpreter)
 from kernels.triton_configs import LaunchConfig
-from tolerances import assert_close_to_reference, lse_recompute_atol
 
 CUDA = torch.cuda.is_available()
 # With CUDA the kernels are compiled, and compiled Triton cannot read CPU tensors.
@@ -106,13 +106,19 @@ def check_against_reference(q, k, v, *, causal, scale=None, do=None, triton_fn=N
 # fewer queries than keys (causal mask offset), and more queries than keys (non-causal).
 LENGTHS = [
     (1, 1, True),
-    (17, 17, True), (17, 17, False),
-    (64, 64, True), (64, 64, False),
+    (17, 17, True),
+    (17, 17, False),
+    (64, 64, True),
+    (64, 64, False),
     (100, 100, True),
-    (129, 129, True), (129, 129, False),
-    (1, 64, True), (1, 33, False),
-    (17, 64, True), (17, 64, False),
-    (64, 17, False), (1, 17, False),
+    (129, 129, True),
+    (129, 129, False),
+    (1, 64, True),
+    (1, 33, False),
+    (17, 64, True),
+    (17, 64, False),
+    (64, 17, False),
+    (1, 17, False),
 ]
 
 
@@ -191,8 +197,15 @@ def with_configs(fwd, dkdv, dq, causal, scale):
     """triton_fn for check_against_reference: the launchers with the given LaunchConfigs."""
 
     def run(q, k, v, do):
-        plan = triton_attention._Plan(q.shape, k.shape[2], q.dtype, q.device, causal, triton_runtime.Switches(),
-                                      configs={"fwd": fwd, "dkdv": dkdv, "dq": dq})
+        plan = triton_attention._Plan(
+            q.shape,
+            k.shape[2],
+            q.dtype,
+            q.device,
+            causal,
+            triton_runtime.Switches(),
+            configs={"fwd": fwd, "dkdv": dkdv, "dq": dq},
+        )
         out, lse = triton_attention._forward(q, k, v, scale, plan)
         return (out, *triton_attention._backward(do, q, k, v, out, lse, scale, plan))
 
@@ -204,13 +217,16 @@ def blocks(m, n):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("fwd, dkdv, dq", [
-    # Block shapes besides the interpreter's defaults, so that the loop bounds are checked
-    # with BLOCK_M < BLOCK_N, BLOCK_M > BLOCK_N and both equal, in every kernel.
-    pytest.param(blocks(16, 16), blocks(16, 16), blocks(16, 16), id="equal"),
-    pytest.param(blocks(16, 32), blocks(32, 16), blocks(32, 16), id="swapped"),
-    pytest.param(blocks(64, 32), blocks(16, 64), blocks(64, 16), id="wide"),
-])
+@pytest.mark.parametrize(
+    "fwd, dkdv, dq",
+    [
+        # Block shapes besides the interpreter's defaults, so that the loop bounds are checked
+        # with BLOCK_M < BLOCK_N, BLOCK_M > BLOCK_N and both equal, in every kernel.
+        pytest.param(blocks(16, 16), blocks(16, 16), blocks(16, 16), id="equal"),
+        pytest.param(blocks(16, 32), blocks(32, 16), blocks(32, 16), id="swapped"),
+        pytest.param(blocks(64, 32), blocks(16, 64), blocks(64, 16), id="wide"),
+    ],
+)
 @pytest.mark.parametrize("q_len, kv_len, causal", [(50, 80, True), (83, 50, False)])
 def test_block_shapes(device, fwd, dkdv, dq, q_len, kv_len, causal):
     q, k, v = make_qkv((1, 1, q_len, 16), kv_len, torch.float32, device)
@@ -269,8 +285,9 @@ def test_large_logits(device, causal):
     v = v / 50.0
     max_score = float(((q @ k.transpose(-2, -1)) * 16**-0.5).abs().max())
     assert max_score > 5e3
-    check_against_reference(q, k, v, causal=causal,
-                            grad_atol=lambda expected: lse_recompute_atol(max_score, float(expected.abs().max())))
+    check_against_reference(
+        q, k, v, causal=causal, grad_atol=lambda expected: lse_recompute_atol(max_score, float(expected.abs().max()))
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -324,8 +341,9 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.gpt_kernels.flash_attn_fwd, (q, k, v, True, 0.25))
     out, lse = torch.ops.gpt_kernels.flash_attn_fwd(q, k, v, True, 0.25)
     do = torch.randn_like(out)
-    torch.library.opcheck(torch.ops.gpt_kernels.flash_attn_bwd,
-                          (do, q.detach(), k.detach(), v.detach(), out.detach(), lse, True, 0.25))
+    torch.library.opcheck(
+        torch.ops.gpt_kernels.flash_attn_bwd, (do, q.detach(), k.detach(), v.detach(), out.detach(), lse, True, 0.25)
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -338,8 +356,7 @@ def test_torch_compile_traces_without_graph_breaks(device):
 
     def block(x, w):
         q, k, v = (x @ w).view(1, 24, 3, 2, 16).unbind(2)
-        out = kernels.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
-                                backend="triton")
+        out = kernels.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, backend="triton")
         return out.transpose(1, 2).reshape(1, 24, 32)
 
     compiled = torch.compile(block, fullgraph=True, backend="inductor")
@@ -440,8 +457,10 @@ def test_cuda_every_autotune_candidate(head_dim, causal, q_len, kv_len):
     """Whatever config the autotuner picks must be correct: run each candidate (ragged lengths)."""
     q, k, v = make_qkv((1, 2, q_len, head_dim), kv_len, torch.bfloat16, "cuda")
     arch = triton_configs.arch_of(torch.cuda.get_device_capability())
-    fwd, dkdv, dq = (triton_configs.candidates(arch, kernel, "16-bit", causal, triton_configs.length_class(q_len),
-                                               head_dim) for kernel in triton_configs.KERNELS)
+    fwd, dkdv, dq = (
+        triton_configs.candidates(arch, kernel, "16-bit", causal, triton_configs.length_class(q_len), head_dim)
+        for kernel in triton_configs.KERNELS
+    )
     for i in range(max(len(fwd), len(dkdv), len(dq))):
         configs = fwd[i % len(fwd)], dkdv[i % len(dkdv)], dq[i % len(dq)]
         check_against_reference(q, k, v, causal=causal, triton_fn=with_configs(*configs, causal, head_dim**-0.5))
