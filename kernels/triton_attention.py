@@ -752,9 +752,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if torch.compiler.is_compiling():  # traced: the custom op, which torch.compile sees through
         return flash_attn_fwd(q, k, v, causal, scale)[0]
     plan = _plan_for(q, k, v, causal)
-    if q.shape[2] <= MAX_DECODE_Q_LEN and not (
-        torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    ):
-        # A few new queries against a KV cache, nothing to differentiate: split the keys instead.
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FlashAttention.apply(q, k, v, scale, plan)
+    # Nothing to differentiate: skip autograd's bookkeeping.
+    if q.shape[2] <= MAX_DECODE_Q_LEN:  # a few new queries against a KV cache: split the keys instead
         return decode_attention(q, k, v, causal=causal, scale=scale)
-    return _FlashAttention.apply(q, k, v, scale, plan)
+    return _forward(q, k, v, scale, plan)[0]
