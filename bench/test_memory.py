@@ -13,7 +13,6 @@ That our kernel's memory is O(T) is a correctness property, asserted by tests/te
 """
 
 import pytest
-import torch
 
 from bench import common
 
@@ -30,39 +29,6 @@ MEMORY_BACKENDS = ("reference", "sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cu
 # on a GPU they live in on-chip memory: what is measured is what it allocates through torch
 # (output, log-sum-exp, gradients), i.e. what would occupy GPU memory. Seconds per call up to 512.
 TRITON_CPU_MEMORY_MAX_LEN = 512
-
-
-def _cpu_peak_bytes(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-        del result
-    events = [
-        e
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    events.sort(key=lambda e: e.start_ns())
-    current = peak = 0
-    for e in events:
-        current += e.nbytes()  # allocations positive, frees negative
-        peak = max(peak, current)
-    return peak
-
-
-def peak_bytes(fn, device=common.DEVICE) -> int:
-    """Peak memory allocated while fn() runs (its result freed at the end), beyond what was held before."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        result = fn()
-        torch.cuda.synchronize()
-        del result
-        return torch.cuda.max_memory_allocated() - base
-    return _cpu_peak_bytes(fn)
 
 
 def _fwd_bwd(backend, seqlen, batch, heads, head_dim, dtype, device=common.DEVICE):
@@ -100,12 +66,12 @@ def test_peak_memory(benchmark, seqlen, backend):
         fn = _fwd_bwd(backend, seqlen, dtype=MEMORY_DTYPE, **MEMORY_SHAPE)
         with common.backend_context(backend):
             if interpreted:  # nothing to warm up, and every call takes seconds
-                peak = peak_bytes(fn)
+                peak = common.peak_bytes(fn)
                 benchmark.pedantic(fn, rounds=1, iterations=1)
                 return peak
             # Timing first also warms up: autotuning and lazy workspaces are not part of the steady-state peak.
             common.run_benchmark(benchmark, fn, budget_s=common.TIME_BUDGET_S / 2)
-            return peak_bytes(fn)
+            return common.peak_bytes(fn)
 
     peak, skip = common.run_unless_expected_failure(measure, backend, f"T={seqlen}")
     if skip is not None:

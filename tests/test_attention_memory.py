@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kernels
+from bench.common import peak_bytes
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 SHORT, LONG = 2048, 8192
@@ -28,14 +29,7 @@ def peak_bytes_of_forward_backward(backend: str, seqlen: int) -> int:
         return torch.autograd.grad(out, (q, k, v), dout)  # fresh gradients, nothing accumulates
 
     forward_backward()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    grads = forward_backward()
-    torch.cuda.synchronize()
-    del grads
-    return torch.cuda.max_memory_allocated() - base
+    return peak_bytes(forward_backward, "cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="peak GPU memory needs CUDA (torch.cuda memory stats)")
