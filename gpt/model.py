@@ -47,7 +47,7 @@ class GPTConfig:
     d_model: int = option(128, "width of the residual stream (embedding size)")
     dropout: float = option(0.1, "dropout probability inside the model (regularizes the later epochs of a CPU run)")
     attn: str = option(
-        "auto", "attention backend; auto: triton on CUDA, reference elsewhere", choices=kernels.BACKEND_CHOICES
+        "auto", "attention backend; auto: triton on CUDA, sdpa elsewhere", choices=kernels.BACKEND_CHOICES
     )
     pos_embedding: str = option("learned", "how the model sees positions", choices=POS_EMBEDDINGS)
     head: str = option(

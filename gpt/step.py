@@ -2,22 +2,19 @@
 
     model = build_model(config, device, seed=1337)                 # the same seed: the same weights
     optimizer = configure_optimizer(model, lr, weight_decay, device)
-    loss = train_step(model, optimizer, [(x, y)], lr=learning_rate(step, peak, warmup, total_steps))
+    loss = train_step(model, optimizer, [(x, y)], lr=schedule.lr(step))    # gpt/schedule.py
     val_loss = evaluate(model, inputs, targets, batch_size)
 
 gpt/train.py runs them in a loop; bench/test_training.py times them.
 """
 
 import contextlib
-import math
 
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .model import GPT, GPTConfig
-
-FINAL_LR_FRACTION = 0.1  # the cosine schedule ends at 10% of the peak learning rate
 
 
 def build_model(config: GPTConfig, device: torch.device | str, seed: int) -> GPT:
@@ -44,14 +41,6 @@ def configure_optimizer(
         {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=torch.device(device).type == "cuda")
-
-
-def learning_rate(step: int, peak: float, warmup: int, total_steps: int) -> float:
-    """Linear warmup to `peak` over `warmup` steps, then cosine decay to FINAL_LR_FRACTION * peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return peak * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def train_step(

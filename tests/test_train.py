@@ -54,16 +54,6 @@ def test_model_flags_come_from_gpt_config_and_default_to_its_defaults():
     assert config.configure([])[0] == config.TrainConfig()
 
 
-def test_learning_rate_warms_up_linearly_then_decays_to_a_tenth():
-    lr = [step.learning_rate(n, 1.0, warmup=10, total_steps=110) for n in range(110)]
-    assert lr[0] == pytest.approx(0.1) and lr[4] == pytest.approx(0.5) and lr[9] == pytest.approx(1.0)
-    assert lr[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lr[9:], lr[10:]))  # never increases after warmup
-    assert lr[60] == pytest.approx(0.55)  # halfway: the cosine is at its midpoint
-    assert step.learning_rate(110, 1.0, 10, 110) == pytest.approx(step.FINAL_LR_FRACTION)
-    assert step.learning_rate(500, 1.0, 10, 110) == pytest.approx(step.FINAL_LR_FRACTION)
-
-
 @pytest.mark.parametrize("head, tie", [("full", False), ("full", True), ("adaptive", False)])
 def test_weight_decay_only_on_linear_weight_matrices(head, tie):
     model_config = GPTConfig(
@@ -142,8 +132,8 @@ def test_run_writes_metrics_checkpoint_plot_and_a_final_report(corpus, tmp_path,
 
     state = load_checkpoint(out / "ckpt.pt")
     assert set(REQUIRED_KEYS) <= set(state)
-    assert state["step"] == state["total_steps"] == 8
-    assert state["model_config"]["block_size"] == 16 and state["model_config"]["attn"] == "reference"
+    assert state["step"] == state["schedule"]["total_steps"] == 8 and state["budget"] is None
+    assert state["model_config"]["block_size"] == 16 and state["model_config"]["attn"] == "sdpa"
     assert state["train_config"]["batch_size"] == 8
     assert not any(key.startswith(("_orig_mod", "module")) for key in state["model"])  # the unwrapped model
 
@@ -175,15 +165,17 @@ def test_resume_reproduces_an_uninterrupted_run(corpus, tmp_path, dropout):
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
 
 
-def test_minutes_fixes_the_step_count_once_and_resume_keeps_it(corpus, tmp_path, capsys):
+def test_minutes_resume_continues_the_measured_schedule(corpus, tmp_path, capsys):
     out = tmp_path / "out"
-    assert train.main(tiny_args(corpus, out, "--minutes", "0.03", "--stop-at", "2", "--eval-interval", "50")) == 0
-    assert "steps fit in 0.03 minutes" in capsys.readouterr().out
-    total = load_checkpoint(out / "ckpt.pt")["total_steps"]
-    assert total > 2
-    assert train.main(["--resume", "--out", str(out), "--stop-at", "4"]) == 0
+    assert train.main(tiny_args(corpus, out, "--minutes", "0.05", "--stop-at", "4")) == 0
+    assert "for 0.05 minutes" in capsys.readouterr().out
+    first = load_checkpoint(out / "ckpt.pt")
+    assert first["schedule"]["total_steps"] > 4 and first["budget"]["step_s"] > 0  # measured at the log steps
+    assert train.main(["--resume", "--out", str(out), "--stop-at", "6"]) == 0
     state = load_checkpoint(out / "ckpt.pt")
-    assert state["step"] == 4 and state["total_steps"] == total
+    assert state["step"] == 6 and state["elapsed_s"] > first["elapsed_s"]
+    with pytest.raises(ValueError, match="--minutes cannot change"):
+        config.configure(["--resume", "--out", str(out), "--minutes", "3"])
 
 
 def test_resume_cannot_change_the_model_shape_or_the_step_budget(corpus, tmp_path):
