@@ -27,7 +27,7 @@ SET_BY_THE_RUN = ("vocab_size", "block_size")  # GPTConfig fields that are no fl
 # The model options a resumed run may change: they leave the meaning of the trained weights alone.
 # Every other model option, and the run's length and schedule, is fixed by the checkpoint.
 CHANGEABLE_ON_RESUME = ("dropout", "attn")
-FIXED_ON_RESUME = ("steps", "minutes", "decay")  # the run's length and the shape of its schedule
+FIXED_ON_RESUME = ("steps", "minutes", "decay", "muon")  # the run's length, its schedule, its optimizer
 PER_INVOCATION = ("resume", "stop_at")  # settings of one command, not of the run: never inherited
 
 
@@ -51,6 +51,7 @@ class TrainConfig:
     warmup: int = option(100, "steps of linear learning-rate warmup")
     decay: float = option(0.3, "fraction of the run (of its time, with --minutes) spent decaying the learning rate")
     weight_decay: float = option(0.1, "AdamW weight decay, applied to Linear weight matrices only")
+    muon: bool = option(False, "Muon for the blocks' weight matrices (AdamW for the rest): see configure_optimizer")
     grad_clip: float = option(1.0, "clip the global gradient norm to this; 0: no clipping")
     seed: int = option(1337, "seed of the initial weights, the data order and dropout")
     # Bookkeeping.

@@ -59,7 +59,7 @@ class Trainer:
         self.cfg, self.world, self.device = cfg, world, device
         self.model, self.data, self.vocab = model, data, vocab
         self.amp_dtype = DTYPES[cfg.dtype]
-        self.optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, device)
+        self.optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, device, cfg.muon)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
         self.trained = wrap_for_training(model, world, device, cfg.compile)  # what the training steps call
         self.val_inputs, self.val_targets = TokenData.sequences(data.val, cfg.seq_len)
