@@ -81,7 +81,7 @@ class Run:
         self.amp_dtype = DTYPES[cfg.dtype]
         model_config = dataclasses.replace(cfg.model, vocab_size=len(vocab), block_size=cfg.seq_len, attn=backend)
         self.model = build_model(model_config, self.device, seed=cfg.seed)
-        self.optimizer = configure_optimizer(self.model, cfg.lr, cfg.weight_decay, self.device)
+        self.optimizer = configure_optimizer(self.model, cfg.lr, cfg.weight_decay, self.device, cfg.muon)
         self.batches = [
             tuple(t.to(self.device) for t in data.train_batch(step, cfg.batch_size, cfg.seq_len, cfg.seed))
             for step in range(N_BATCHES)

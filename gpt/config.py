@@ -42,22 +42,22 @@ class TrainConfig:
     out: str = option("out", "directory for ckpt.pt, metrics.jsonl and loss.png")
     model: GPTConfig = field(default_factory=GPTConfig)  # flags: one per GPTConfig field but SET_BY_THE_RUN
     # Optimization.
-    batch_size: int = option(32, "sequences per micro-batch per process")
-    seq_len: int = option(64, "tokens per training sequence; also the model's block_size (context length)")
+    batch_size: int = option(16, "sequences per micro-batch per process")
+    seq_len: int = option(128, "tokens per training sequence; also the model's block_size (context length)")
     grad_accum: int = option(1, "micro-batches per step; global batch = batch size x grad accum x processes")
     steps: int | None = option(None, "optimizer steps in total; takes precedence over --minutes", type=int)
     minutes: float = option(14.0, "time budget: as many steps as fit, re-estimated from the measured speed as it goes")
-    lr: float = option(2e-3, "peak learning rate: reached after warmup, held, then decayed linearly to 10%%")
+    lr: float = option(8e-3, "peak learning rate: reached after warmup, held, then decayed linearly to 10%%")
     warmup: int = option(100, "steps of linear learning-rate warmup")
     decay: float = option(0.3, "fraction of the run (of its time, with --minutes) spent decaying the learning rate")
     weight_decay: float = option(0.1, "AdamW weight decay, applied to Linear weight matrices only")
-    muon: bool = option(False, "Muon for the blocks' weight matrices (AdamW for the rest): see configure_optimizer")
+    muon: bool = option(True, "Muon for the blocks' weight matrices (AdamW for the rest): see configure_optimizer")
     grad_clip: float = option(1.0, "clip the global gradient norm to this; 0: no clipping")
     seed: int = option(1337, "seed of the initial weights, the data order and dropout")
     # Bookkeeping.
     log_interval: int = option(50, "steps between lines in metrics.jsonl (train loss, tokens/s)")
-    eval_interval: int = option(250, "steps between validation evaluations (and loss.png updates)")
-    eval_windows: int = option(512, "validation windows per intermediate evaluation (0: all); the final one uses all")
+    eval_interval: int = option(200, "steps between validation evaluations (and loss.png updates)")
+    eval_windows: int = option(256, "validation windows per intermediate evaluation (0: all); the final one uses all")
     ckpt_interval: int = option(500, "steps between checkpoints (one is also saved at the end and on SIGINT/SIGTERM)")
     device: str | None = option(None, "cpu, cuda, cuda:1, ...; default: cuda if available, else cpu", type=str)
     dtype: str = option(

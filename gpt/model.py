@@ -51,7 +51,9 @@ class GPTConfig:
     attn: str = option(
         "auto", "attention backend; auto: triton on CUDA, sdpa elsewhere", choices=kernels.BACKEND_CHOICES
     )
-    pos_embedding: str = option("learned", "how the model sees positions", choices=POS_EMBEDDINGS)
+    pos_embedding: str = option(
+        "rotary", "how the model sees positions (rotary: learns much faster than learned)", choices=POS_EMBEDDINGS
+    )
     head: str = option(
         "adaptive", "output layer: full softmax, or adaptive softmax (cheaper for rare words)", choices=HEADS
     )
@@ -59,7 +61,7 @@ class GPTConfig:
         [2_000, 10_000], "word ids (sorted by frequency) where the adaptive head's clusters start", nargs="+", type=int
     )
     tie_embeddings: bool = option(
-        False, "share the token embedding with the output layer (adaptive head: adaptive input embeddings)"
+        True, "share the token embedding with the output layer (adaptive head: adaptive input embeddings)"
     )
     # Switches for experiments (docs/first_principles.md); the defaults are the standard transformer.
     causal: bool = option(True, "the causal mask; off, positions see the future (a debugging control)")
@@ -147,7 +149,7 @@ class Rotary(nn.Module):
 
 def rotate(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Rotate the pairs (x[..., i], x[..., i + D/2]) of x (B, H, T, D) by Rotary's angles."""
-    cos, sin = rotation
+    cos, sin = (t.to(x.dtype) for t in rotation)  # under autocast x may be bfloat16: keep it so
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -178,7 +180,8 @@ class AdaptiveInput(nn.Module):
                 out[chosen] = F.embedding(flat[chosen], self.head.head.weight[:high])
             else:
                 project, words = self.head.tail[cluster - 1]  # Linear(d_model, d_c), Linear(d_c, cluster size)
-                out[chosen] = F.embedding(flat[chosen] - low, words.weight) @ project.weight  # (n, d_c) @ (d_c, d)
+                vectors = F.embedding(flat[chosen] - low, words.weight) @ project.weight  # (n, d_c) @ (d_c, d)
+                out[chosen] = vectors.to(out.dtype)  # under autocast the product may be bfloat16
         return out.view(*idx.shape, -1)
 
 
@@ -290,13 +293,13 @@ class GPT(nn.Module):
             self.lm_head = nn.AdaptiveLogSoftmaxWithLoss(
                 config.d_model, config.vocab_size, cutoffs=config.adaptive_cutoffs, div_value=4.0
             )
-        if not config.tie_embeddings:
-            self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
-        elif config.head == "full":
-            self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
-            self.lm_head.weight = self.token_embedding.weight
-        else:
+        # The token embedding comes last because a tied one is made of the output layer's weights.
+        if config.tie_embeddings and config.head == "adaptive":
             self.token_embedding = AdaptiveInput(self.lm_head)
+        else:
+            self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+            if config.tie_embeddings:
+                self.lm_head.weight = self.token_embedding.weight
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:

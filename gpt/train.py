@@ -281,11 +281,13 @@ class Trainer:
         cfg, config = self.cfg, self.model.config
         return (
             f"model: {self.model.num_parameters():,} parameters (n_layer {config.n_layer}, n_head {config.n_head}, "
-            f"d_model {config.d_model}, {config.head} head, attention {config.attn}); "
+            f"d_model {config.d_model}, {config.pos_embedding} positions, {config.head} head"
+            f"{', tied embeddings' if config.tie_embeddings else ''}, attention {config.attn}); "
             f"data: {len(self.data.train):,} train / {len(self.data.val):,} val tokens, "
             f"vocabulary {len(self.vocab):,}\n"
             f"device {self.device}, {cfg.dtype}{', compiled' if cfg.compile else ''}; {self.world.size} process(es); "
-            f"global batch {cfg.batch_size} x {cfg.grad_accum} x {self.world.size} sequences of {cfg.seq_len} tokens"
+            f"global batch {cfg.batch_size} x {cfg.grad_accum} x {self.world.size} sequences of {cfg.seq_len} tokens; "
+            f"{'Muon + AdamW' if cfg.muon else 'AdamW'}, peak lr {cfg.lr:g}"
         )
 
 
