@@ -26,6 +26,7 @@ import kernels
 
 POS_EMBEDDINGS = ("learned", "sinusoidal", "rotary", "none")  # how the model sees positions
 HEADS = ("full", "adaptive")  # the output layer: Linear to every word, or nn.AdaptiveLogSoftmaxWithLoss
+Rotation = tuple[torch.Tensor, torch.Tensor]  # rotary positions' (cos, sin), each (T, head_dim / 2)
 
 
 def option(default, help: str, **flag):
@@ -143,11 +144,11 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angle.cos(), persistent=False)
         self.register_buffer("sin", angle.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions], self.sin[positions]  # each (T, head_dim/2)
+    def forward(self, positions: torch.Tensor) -> Rotation:
+        return self.cos[positions], self.sin[positions]
 
 
-def rotate(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def rotate(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
     """Rotate the pairs (x[..., i], x[..., i + D/2]) of x (B, H, T, D) by Rotary's angles."""
     cos, sin = (t.to(x.dtype) for t in rotation)  # under autocast x may be bfloat16: keep it so
     x1, x2 = x.chunk(2, dim=-1)
@@ -223,7 +224,9 @@ class CausalSelfAttention(nn.Module):
         self.proj.is_residual_projection = True  # scaled init, see GPT._init_weights
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rotation=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rotation: Rotation | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         B, T, C = x.shape
         # (B, T, 3C) -> (B, T, 3, H, D) -> three (B, H, T, D) views into the same memory
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).unbind(dim=2)
@@ -266,7 +269,9 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(config.d_model) if config.layer_norm else nn.Identity()
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rotation=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rotation: Rotation | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         a = self.attn(self.norm1(x), rotation, cache, layer)
         x = x + a if self.residual else a
         m = self.mlp(self.norm2(x))
