@@ -3,7 +3,7 @@
     GPT_SHAKESPEARE=/path/to/pg100.txt PYTHONPATH=. pytest bench/test_training.py --benchmark-only
 
 Both use gpt.train's own pieces (gpt.step: build_model, configure_optimizer, train_step,
-evaluate, learning_rate) and its settings (gpt.config.TrainConfig), so what is timed is the step
+evaluate; gpt.schedule: Schedule) and its settings (gpt.config.TrainConfig), so what is timed is the step
 `python -m gpt.train` runs. Every backend gets the same model (same seed), the same batches and
 the same schedule. Batches are cut and moved to
 the device before timing: the timed work is the optimizer step itself.
@@ -81,7 +81,7 @@ class Run:
         self.amp_dtype = DTYPES[cfg.dtype]
         model_config = dataclasses.replace(cfg.model, vocab_size=len(vocab), block_size=cfg.seq_len, attn=backend)
         self.model = build_model(model_config, self.device, seed=cfg.seed)
-        self.optimizer = configure_optimizer(self.model, cfg.lr, cfg.weight_decay, self.device)
+        self.optimizer = configure_optimizer(self.model, cfg.lr, cfg.weight_decay, self.device, cfg.muon)
         self.batches = [
             tuple(t.to(self.device) for t in data.train_batch(step, cfg.batch_size, cfg.seq_len, cfg.seed))
             for step in range(N_BATCHES)
@@ -96,10 +96,11 @@ class Run:
         return self.cfg.batch_size * self.cfg.seq_len
 
     def train_one(self):
-        from gpt.step import learning_rate, train_step
+        from gpt.schedule import Schedule
+        from gpt.step import train_step
 
         cfg = self.cfg
-        lr = learning_rate(self.step, cfg.lr, cfg.warmup, MAX_STEPS)
+        lr = Schedule.fixed(cfg.lr, cfg.warmup, MAX_STEPS, cfg.decay).lr(self.step)
         loss = train_step(
             self.model,
             self.optimizer,

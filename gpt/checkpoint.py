@@ -4,8 +4,8 @@
     state = load_checkpoint(path)        # CheckpointError (one-line message) if missing, corrupt or incomplete
     model, vocab = restore_model(state)  # the GPT and its vocabulary, ready to sample
 
-A checkpoint is a dict (format 1):
-    format        1
+A checkpoint is a dict (format 2):
+    format        2
     model         GPT.state_dict() of the unwrapped model (never torch.compile's or DDP's wrapper)
     model_config  dataclasses.asdict(GPTConfig)
     vocab         Vocab.state_dict()
@@ -13,7 +13,8 @@ A checkpoint is a dict (format 1):
     optimizer     AdamW state_dict
     scaler        GradScaler state_dict (empty unless --dtype float16)
     step          optimizer steps done
-    total_steps   length of the learning-rate schedule, fixed when the run started
+    schedule      Schedule.state_dict(): the run's length and where its learning-rate decay started
+    budget        TimeBudget.state_dict() (measured seconds per step) with --minutes, else None
     tokens        training tokens seen so far
     elapsed_s     training wall time so far, summed over resumed runs
 Only plain Python types and tensors: loading uses torch.load(weights_only=True), which cannot
@@ -30,7 +31,7 @@ from .errors import first_line
 from .model import GPT, GPTConfig
 from .runfiles import atomic_write
 
-FORMAT = 1
+FORMAT = 2  # 2: the schedule's state replaced total_steps
 REQUIRED_KEYS = (
     "format",
     "model",
@@ -40,7 +41,8 @@ REQUIRED_KEYS = (
     "optimizer",
     "scaler",
     "step",
-    "total_steps",
+    "schedule",
+    "budget",
     "tokens",
     "elapsed_s",
 )

@@ -25,8 +25,9 @@ from .runfiles import CKPT_NAME
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # None: no autocast
 SET_BY_THE_RUN = ("vocab_size", "block_size")  # GPTConfig fields that are no flags (see above)
 # The model options a resumed run may change: they leave the meaning of the trained weights alone.
-# Every other model option, and the step budget, is fixed by the checkpoint.
+# Every other model option, and the run's length and schedule, is fixed by the checkpoint.
 CHANGEABLE_ON_RESUME = ("dropout", "attn")
+FIXED_ON_RESUME = ("steps", "minutes", "decay", "muon")  # the run's length, its schedule, its optimizer
 PER_INVOCATION = ("resume", "stop_at")  # settings of one command, not of the run: never inherited
 
 
@@ -41,20 +42,22 @@ class TrainConfig:
     out: str = option("out", "directory for ckpt.pt, metrics.jsonl and loss.png")
     model: GPTConfig = field(default_factory=GPTConfig)  # flags: one per GPTConfig field but SET_BY_THE_RUN
     # Optimization.
-    batch_size: int = option(32, "sequences per micro-batch per process")
-    seq_len: int = option(64, "tokens per training sequence; also the model's block_size (context length)")
+    batch_size: int = option(16, "sequences per micro-batch per process")
+    seq_len: int = option(128, "tokens per training sequence; also the model's block_size (context length)")
     grad_accum: int = option(1, "micro-batches per step; global batch = batch size x grad accum x processes")
     steps: int | None = option(None, "optimizer steps in total; takes precedence over --minutes", type=int)
-    minutes: float = option(14.0, "time budget: as many steps as fit, measured on a few timing steps first")
-    lr: float = option(2e-3, "peak learning rate, reached after warmup, then cosine decay to 10%%")
+    minutes: float = option(14.0, "time budget: as many steps as fit, re-estimated from the measured speed as it goes")
+    lr: float = option(8e-3, "peak learning rate: reached after warmup, held, then decayed linearly to 10%%")
     warmup: int = option(100, "steps of linear learning-rate warmup")
+    decay: float = option(0.3, "fraction of the run (of its time, with --minutes) spent decaying the learning rate")
     weight_decay: float = option(0.1, "AdamW weight decay, applied to Linear weight matrices only")
+    muon: bool = option(True, "Muon for the blocks' weight matrices (AdamW for the rest): see configure_optimizer")
     grad_clip: float = option(1.0, "clip the global gradient norm to this; 0: no clipping")
     seed: int = option(1337, "seed of the initial weights, the data order and dropout")
     # Bookkeeping.
     log_interval: int = option(50, "steps between lines in metrics.jsonl (train loss, tokens/s)")
-    eval_interval: int = option(250, "steps between validation evaluations (and loss.png updates)")
-    eval_windows: int = option(512, "validation windows per intermediate evaluation (0: all); the final one uses all")
+    eval_interval: int = option(200, "steps between validation evaluations (and loss.png updates)")
+    eval_windows: int = option(256, "validation windows per intermediate evaluation (0: all); the final one uses all")
     ckpt_interval: int = option(500, "steps between checkpoints (one is also saved at the end and on SIGINT/SIGTERM)")
     device: str | None = option(None, "cpu, cuda, cuda:1, ...; default: cuda if available, else cpu", type=str)
     dtype: str = option(
@@ -88,6 +91,8 @@ class TrainConfig:
         for name in ("warmup", "weight_decay", "grad_clip", "eval_windows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.decay <= 1:
+            raise ValueError(f"--decay must be a fraction in [0, 1], got {self.decay}")
 
 
 def flag(name: str) -> str:
@@ -154,7 +159,7 @@ def configure(argv: list[str] | None) -> tuple[TrainConfig, dict | None]:
     for name, value in model_given.items():
         if name not in CHANGEABLE_ON_RESUME:
             refuse_change(name, value, getattr(stored.model, name))
-    for name in ("steps", "minutes"):
+    for name in FIXED_ON_RESUME:
         if name in given:
             refuse_change(name, given[name], getattr(stored, name))
     config = replace(stored, **given, model=replace(stored.model, **model_given))

@@ -2,7 +2,9 @@
 
 Reading order, top to bottom:
     GPTConfig                 every size and switch of the model in one dataclass (the training flags)
-    PositionalEmbedding       tells the model *where* each token is (learned or sinusoidal)
+    PositionalEmbedding       tells the model *where* each token is (learned or sinusoidal, added to x)
+    Rotary                    ... or by rotating queries and keys (rotary: only relative positions count)
+    AdaptiveInput             token embeddings that share the adaptive softmax's weights
     CausalSelfAttention       each position gathers information from earlier positions
     MLP                       each position thinks on its own about what it gathered
     Block                     attention + MLP, each in a pre-LayerNorm residual branch
@@ -22,8 +24,9 @@ import torch.nn.functional as F
 
 import kernels
 
-POS_EMBEDDINGS = ("learned", "sinusoidal", "none")  # how the model sees positions (PositionalEmbedding)
+POS_EMBEDDINGS = ("learned", "sinusoidal", "rotary", "none")  # how the model sees positions
 HEADS = ("full", "adaptive")  # the output layer: Linear to every word, or nn.AdaptiveLogSoftmaxWithLoss
+Rotation = tuple[torch.Tensor, torch.Tensor]  # rotary positions' (cos, sin), each (T, head_dim / 2)
 
 
 def option(default, help: str, **flag):
@@ -47,16 +50,20 @@ class GPTConfig:
     d_model: int = option(128, "width of the residual stream (embedding size)")
     dropout: float = option(0.1, "dropout probability inside the model (regularizes the later epochs of a CPU run)")
     attn: str = option(
-        "auto", "attention backend; auto: triton on CUDA, reference elsewhere", choices=kernels.BACKEND_CHOICES
+        "auto", "attention backend; auto: triton on CUDA, sdpa elsewhere", choices=kernels.BACKEND_CHOICES
     )
-    pos_embedding: str = option("learned", "how the model sees positions", choices=POS_EMBEDDINGS)
+    pos_embedding: str = option(
+        "rotary", "how the model sees positions (rotary: learns much faster than learned)", choices=POS_EMBEDDINGS
+    )
     head: str = option(
         "adaptive", "output layer: full softmax, or adaptive softmax (cheaper for rare words)", choices=HEADS
     )
     adaptive_cutoffs: list[int] = option(
         [2_000, 10_000], "word ids (sorted by frequency) where the adaptive head's clusters start", nargs="+", type=int
     )
-    tie_embeddings: bool = option(False, "share the token embedding with the output layer (needs head full)")
+    tie_embeddings: bool = option(
+        True, "share the token embedding with the output layer (adaptive head: adaptive input embeddings)"
+    )
     # Switches for experiments (docs/first_principles.md); the defaults are the standard transformer.
     causal: bool = option(True, "the causal mask; off, positions see the future (a debugging control)")
     residual: bool = option(True, "residual connections x + f(x); off: x = f(x)")
@@ -75,8 +82,11 @@ class GPTConfig:
             raise ValueError(f"pos_embedding must be one of {', '.join(POS_EMBEDDINGS)}, got {self.pos_embedding!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
-        if self.head == "adaptive" and self.tie_embeddings:
-            raise ValueError("tie_embeddings needs head='full': the adaptive head has no (vocab, d_model) matrix")
+        if self.pos_embedding == "rotary" and (self.d_model // self.n_head) % 2:
+            raise ValueError(
+                f"rotary positions rotate pairs of dimensions: d_model / n_head ({self.d_model // self.n_head}) "
+                "must be even"
+            )
         if (
             self.head == "adaptive"
             and not 0 < min(self.adaptive_cutoffs) <= max(self.adaptive_cutoffs) < self.vocab_size
@@ -114,7 +124,66 @@ class PositionalEmbedding(nn.Module):
             return self.table(positions)  # (T, d_model)
         if self.kind == "sinusoidal":
             return self.table_fixed[positions]  # (T, d_model)
-        return 0.0  # "none": the model gets no position information at all
+        return 0.0  # "rotary": positions enter in attention (Rotary); "none": no position information at all
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (Su et al., 2021): rotate each query and key by its position.
+
+    Dimension i of a head's first half is paired with dimension i of its second half, and the pair
+    is rotated by the angle position x 10000^(-2i/head_dim). A query at position m and a key at n
+    then score q.k through the rotation by (m - n) alone: attention sees how far back a token is,
+    not where it is, and nothing is added to the residual stream.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        head_dim = config.d_model // config.n_head
+        frequency = 10_000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (head_dim/2,)
+        angle = torch.arange(config.block_size, dtype=torch.float32)[:, None] * frequency  # (block_size, head_dim/2)
+        self.register_buffer("cos", angle.cos(), persistent=False)
+        self.register_buffer("sin", angle.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> Rotation:
+        return self.cos[positions], self.sin[positions]
+
+
+def rotate(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
+    """Rotate the pairs (x[..., i], x[..., i + D/2]) of x (B, H, T, D) by Rotary's angles."""
+    cos, sin = (t.to(x.dtype) for t in rotation)  # under autocast x may be bfloat16: keep it so
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class AdaptiveInput(nn.Module):
+    """Token embeddings made of the adaptive softmax's own weights (Baevski & Auli, 2019).
+
+    The adaptive head scores a frequent word with a d_model row of head.head, and a word of
+    cluster i with a small vector (row of tail[i][1], d_model / 4^(i+1) wide) after a projection
+    (tail[i][0]). Reading the same vectors as embeddings, projected back up by the transpose of
+    that projection, ties input and output the way a shared matrix does for a full softmax: the
+    34k-word table stops being a second copy of the vocabulary, and a rare word's few training
+    steps update one vector that serves both ends.
+    """
+
+    def __init__(self, head: nn.AdaptiveLogSoftmaxWithLoss):
+        super().__init__()
+        self.head = head  # shared, not copied: its parameters are the lm_head's
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (...) -> embeddings (..., d_model)."""
+        flat = idx.reshape(-1)
+        out = torch.zeros(len(flat), self.head.in_features, device=idx.device, dtype=self.head.head.weight.dtype)
+        bounds = [0, *self.head.cutoffs]  # cluster c holds ids bounds[c] <= id < bounds[c + 1]
+        for cluster, (low, high) in enumerate(zip(bounds, bounds[1:])):
+            chosen = (flat >= low) & (flat < high)
+            if cluster == 0:  # the shortlist: head.head's first rows are full-width word vectors
+                out[chosen] = F.embedding(flat[chosen], self.head.head.weight[:high])
+            else:
+                project, words = self.head.tail[cluster - 1]  # Linear(d_model, d_c), Linear(d_c, cluster size)
+                vectors = F.embedding(flat[chosen] - low, words.weight) @ project.weight  # (n, d_c) @ (d_c, d)
+                out[chosen] = vectors.to(out.dtype)  # under autocast the product may be bfloat16
+        return out.view(*idx.shape, -1)
 
 
 class KVCache:
@@ -155,11 +224,15 @@ class CausalSelfAttention(nn.Module):
         self.proj.is_residual_projection = True  # scaled init, see GPT._init_weights
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rotation: Rotation | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         B, T, C = x.shape
         # (B, T, 3C) -> (B, T, 3, H, D) -> three (B, H, T, D) views into the same memory
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).unbind(dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if rotation is not None:  # rotary positions: keys are cached already rotated
+            q, k = rotate(q, rotation), rotate(k, rotation)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # k, v: (B, H, T_cached + T, D)
         y = kernels.attention(q, k, v, causal=self.causal, backend=self.attn_backend)  # (B, H, T, D)
@@ -196,8 +269,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(config.d_model) if config.layer_norm else nn.Identity()
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        a = self.attn(self.norm1(x), cache, layer)
+    def forward(
+        self, x: torch.Tensor, rotation: Rotation | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        a = self.attn(self.norm1(x), rotation, cache, layer)
         x = x + a if self.residual else a
         m = self.mlp(self.norm2(x))
         return x + m if self.residual else m
@@ -207,8 +282,8 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.position_embedding = PositionalEmbedding(config)
+        self.rotary = Rotary(config) if config.pos_embedding == "rotary" else None
         self.dropout = nn.Dropout(config.dropout)
         if config.share_blocks:
             # One set of weights applied n_layer times (each application keeps its own cache slot).
@@ -218,13 +293,18 @@ class GPT(nn.Module):
         self.final_norm = nn.LayerNorm(config.d_model) if config.layer_norm else nn.Identity()
         if config.head == "full":
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-            if config.tie_embeddings:
-                self.lm_head.weight = self.token_embedding.weight
         else:
             # Frequent words get a full-size output; rare ones share a cluster and a smaller projection.
             self.lm_head = nn.AdaptiveLogSoftmaxWithLoss(
                 config.d_model, config.vocab_size, cutoffs=config.adaptive_cutoffs, div_value=4.0
             )
+        # The token embedding comes last because a tied one is made of the output layer's weights.
+        if config.tie_embeddings and config.head == "adaptive":
+            self.token_embedding = AdaptiveInput(self.lm_head)
+        else:
+            self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+            if config.tie_embeddings:
+                self.lm_head.weight = self.token_embedding.weight
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -254,8 +334,9 @@ class GPT(nn.Module):
             )
         positions = torch.arange(start, start + T, device=idx.device)
         x = self.dropout(self.token_embedding(idx) + self.position_embedding(positions))  # (B, T, C)
+        rotation = self.rotary(positions) if self.rotary is not None else None
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer)
+            x = block(x, rotation, cache, layer)
         return self.final_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

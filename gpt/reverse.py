@@ -79,6 +79,7 @@ class ReverseSettings:
             attn=self.attn,
             pos_embedding=self.pos_embedding,
             head="full",
+            tie_embeddings=False,
             causal=self.causal,
         )
 

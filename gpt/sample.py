@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--attn",
         default="auto",
         choices=kernels.BACKEND_CHOICES,
-        help="attention backend; auto: triton on CUDA, reference elsewhere (default: auto)",
+        help="attention backend; auto: triton on CUDA, sdpa elsewhere (default: auto)",
     )
     return parser
 

@@ -2,22 +2,19 @@
 
     model = build_model(config, device, seed=1337)                 # the same seed: the same weights
     optimizer = configure_optimizer(model, lr, weight_decay, device)
-    loss = train_step(model, optimizer, [(x, y)], lr=learning_rate(step, peak, warmup, total_steps))
+    loss = train_step(model, optimizer, [(x, y)], lr=schedule.lr(step))    # gpt/schedule.py
     val_loss = evaluate(model, inputs, targets, batch_size)
 
 gpt/train.py runs them in a loop; bench/test_training.py times them.
 """
 
 import contextlib
-import math
 
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .model import GPT, GPTConfig
-
-FINAL_LR_FRACTION = 0.1  # the cosine schedule ends at 10% of the peak learning rate
+from .model import GPT, AdaptiveInput, GPTConfig
 
 
 def build_model(config: GPTConfig, device: torch.device | str, seed: int) -> GPT:
@@ -27,31 +24,65 @@ def build_model(config: GPTConfig, device: torch.device | str, seed: int) -> GPT
 
 
 def configure_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, device: torch.device | str
-) -> torch.optim.AdamW:
-    """AdamW that decays only the weight matrices of Linear layers.
+    model: GPT, lr: float, weight_decay: float, device: torch.device | str, muon: bool = False
+) -> "torch.optim.AdamW | Optimizers":
+    """AdamW that decays only the weight matrices of Linear layers; with `muon`, the blocks'
+    weight matrices get Muon instead (both at the same lr and weight decay).
 
     Decay pulls weights towards zero; that regularizes the matrices that mix features, but on a
     norm's gain or a bias it only fights the scale the layer needs, and on an embedding it would
     shrink the vectors of rare words, which get few gradient updates to push back. A tied output
-    matrix is the embedding, so it is not decayed either.
+    layer is the embedding (tie_embeddings), so it is not decayed either.
+
+    Muon (Jordan et al., 2024) orthogonalizes each matrix's momentum (Newton-Schulz iterations)
+    before the update, so every direction of the matrix moves at the same rate, not just the
+    dominant one; it is meant for the hidden 2-D weights, not for embeddings, the output layer or
+    vectors. "match_rms_adamw" scales its update to AdamW's size, so the same lr serves both.
     """
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embeddings = {
+        id(p) for m in model.modules() if isinstance(m, (nn.Embedding, AdaptiveInput)) for p in m.parameters()
+    }
     matrices = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
+    hidden = {id(m.weight) for m in model.blocks.modules() if isinstance(m, nn.Linear)} if muon else set()
     params = list(model.parameters())  # each shared parameter once
     groups = [
-        {"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) in matrices - hidden], "weight_decay": weight_decay},
         {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=torch.device(device).type == "cuda")
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=torch.device(device).type == "cuda")
+    if not muon:
+        return adamw
+    matrices_for_muon = [p for p in params if id(p) in hidden]
+    return Optimizers(
+        torch.optim.Muon(matrices_for_muon, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"), adamw
+    )
 
 
-def learning_rate(step: int, peak: float, warmup: int, total_steps: int) -> float:
-    """Linear warmup to `peak` over `warmup` steps, then cosine decay to FINAL_LR_FRACTION * peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return peak * (FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress)))
+class Optimizers:
+    """Several optimizers stepped as one, each over its own parameters: to train_step, GradScaler
+    and the checkpoint they look like a single optimizer (param_groups, step, zero_grad, state)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for optimizer, optimizer_state in zip(self.optimizers, state["optimizers"], strict=True):
+            optimizer.load_state_dict(optimizer_state)
 
 
 def train_step(

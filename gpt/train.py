@@ -17,7 +17,6 @@ gpt/distributed.py (processes), gpt/runfiles.py (the files in --out), gpt/checkp
 From Python, a whole run is `train(TrainConfig(steps=100))`.
 """
 
-import copy
 import math
 import signal
 import sys
@@ -37,11 +36,11 @@ from .model import GPT
 from .plot import plot_losses
 from .runfiles import CKPT_NAME, METRICS_NAME, PLOT_NAME, MetricsLog, StopRequest
 from .sample import complete
-from .step import build_model, configure_optimizer, evaluate, learning_rate, to_device, train_step
+from .schedule import Schedule, TimeBudget
+from .step import build_model, configure_optimizer, evaluate, to_device, train_step
 
 # Validation perplexities on the same split, for comparison at the end of a run.
 BASELINES = (("Kneser-Ney trigram", 69.0), ("unigram", 203.0), ("nanoGPT, 15 min", 58.2))
-UNTIMED_STEPS, TIMED_STEPS = 2, 8  # --minutes: steps run to warm up, then to measure, before training
 
 
 class Trainer:
@@ -60,13 +59,18 @@ class Trainer:
         self.cfg, self.world, self.device = cfg, world, device
         self.model, self.data, self.vocab = model, data, vocab
         self.amp_dtype = DTYPES[cfg.dtype]
-        self.optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, device)
+        self.optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, device, cfg.muon)
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.dtype == "float16")
         self.trained = wrap_for_training(model, world, device, cfg.compile)  # what the training steps call
         self.val_inputs, self.val_targets = TokenData.sequences(data.val, cfg.seq_len)
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * world.size * cfg.seq_len
-        self.step, self.tokens, self.elapsed_before, self.total_steps = 0, 0, 0.0, cfg.steps
-        self.started = time.perf_counter()
+        self.step, self.tokens, self.elapsed_before, self.lr = 0, 0, 0.0, None
+        if cfg.steps is not None:
+            self.schedule, self.budget = Schedule.fixed(cfg.lr, cfg.warmup, cfg.steps, cfg.decay), None
+        else:  # the length is measured as the run goes: see gpt/schedule.py
+            self.schedule, self.budget = Schedule(cfg.lr, cfg.warmup, None), TimeBudget(cfg.minutes * 60, cfg.decay)
+        self.clock = time.perf_counter  # a test may replace it with a simulated clock
+        self.started = self.clock()
 
     @classmethod
     def start(cls, cfg: TrainConfig, world: World, device: torch.device) -> "Trainer":
@@ -88,7 +92,9 @@ class Trainer:
         if state["scaler"]:  # empty when the run so far had no loss scaling
             trainer.scaler.load_state_dict(state["scaler"])
         trainer.step, trainer.tokens, trainer.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
-        trainer.total_steps = state["total_steps"]
+        trainer.schedule.load_state_dict(state["schedule"])
+        if trainer.budget is not None:
+            trainer.budget.load_state_dict(state["budget"])
         return trainer
 
     # -- one step ----------------------------------------------------------------------------
@@ -109,16 +115,16 @@ class Trainer:
             for xb, yb in zip(x.split(cfg.batch_size), y.split(cfg.batch_size))
         ]
 
-    def train_one(self, step: int, total_steps: int) -> torch.Tensor:
+    def train_one(self, step: int) -> torch.Tensor:
         # Dropout draws from the global RNG: seeding it from (seed, step, rank) makes every step
         # reproducible on its own, so a resumed run needs no RNG state from the checkpoint.
         torch.manual_seed(hash((self.cfg.seed, step, self.world.rank)) & 0x7FFF_FFFF_FFFF_FFFF)
-        lr = learning_rate(step, self.cfg.lr, self.cfg.warmup, total_steps)
+        self.lr = self.schedule.lr(step)  # for the metrics: a time budget may re-aim the schedule later
         return train_step(
             self.trained,
             self.optimizer,
             self.batches(step),
-            lr=lr,
+            lr=self.lr,
             grad_clip=self.cfg.grad_clip,
             amp_dtype=self.amp_dtype,
             scaler=self.scaler,
@@ -132,50 +138,27 @@ class Trainer:
             inputs, targets = inputs[chosen], targets[chosen]
         return evaluate(self.model, inputs, targets, self.cfg.batch_size * self.cfg.grad_accum, self.amp_dtype)
 
-    # -- the step budget -----------------------------------------------------------------------
+    # -- the time budget -----------------------------------------------------------------------
 
-    def steps_in_budget(self, minutes: float) -> int:
-        """How many steps fit in `minutes`, from timing a few real steps and one evaluation.
-
-        The schedule needs the total number of steps before the first step, so the timing steps
-        are undone afterwards (weights, optimizer and scaler restored): training then starts from
-        the same state it would have without them. Checkpoint saves are not counted.
-        """
-        snapshot = copy.deepcopy((self.model.state_dict(), self.optimizer.state_dict(), self.scaler.state_dict()))
-        started = time.perf_counter()
-        for step in range(UNTIMED_STEPS):  # first steps pay for compilation and allocation
-            self.train_one(step, UNTIMED_STEPS + TIMED_STEPS)
-        self.synchronize()
-        timing_started = time.perf_counter()
-        for step in range(UNTIMED_STEPS, UNTIMED_STEPS + TIMED_STEPS):
-            self.train_one(step, UNTIMED_STEPS + TIMED_STEPS)
-        self.synchronize()
-        step_s = (time.perf_counter() - timing_started) / TIMED_STEPS
-        eval_started = time.perf_counter()
+    def rebudget(self, since: tuple[float, int]) -> None:
+        """--minutes: re-estimate the run's length from the seconds per step since `since` (clock,
+        step) on rank 0, and move the schedule's end there; every process gets rank 0's decision."""
+        if self.budget is None:
+            return
         if self.world.is_main:
-            self.validation_loss(self.cfg.eval_windows)
-        eval_s = time.perf_counter() - eval_started
-        model_state, optimizer_state, scaler_state = snapshot
-        self.model.load_state_dict(model_state)
-        self.optimizer.load_state_dict(optimizer_state)
-        self.scaler.load_state_dict(scaler_state)
-        budget_s = minutes * 60 - (time.perf_counter() - started)
-        steps = max(1, int(budget_s / (step_s + eval_s / self.cfg.eval_interval)))
-        if self.world.is_main:
-            print(
-                f"timing: {step_s * 1e3:.1f} ms per step, {eval_s:.2f} s per evaluation "
-                f"-> {steps:,} steps fit in {minutes:g} minutes"
-            )
-        return self.world.broadcast(steps, self.device)  # every process must run the same schedule
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            self.budget.observe(self.step - since[1], self.clock() - since[0])
+            self.budget.update(self.schedule, self.step, self.elapsed())
+        total = self.world.broadcast(self.schedule.total_steps, self.device)
+        decaying = self.world.broadcast(self.schedule.decay_start is not None, self.device)
+        if decaying:
+            self.schedule.start_decay(self.step, total)  # on rank 0 a no-op: it re-aims from the same point
+        else:
+            self.schedule.total_steps = total
 
     # -- the loop ------------------------------------------------------------------------------
 
     def elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.started
+        return self.elapsed_before + self.clock() - self.started
 
     def checkpoint_state(self) -> dict:
         return {
@@ -187,7 +170,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step,
-            "total_steps": self.total_steps,
+            "schedule": self.schedule.state_dict(),
+            "budget": None if self.budget is None else self.budget.state_dict(),
             "tokens": self.tokens,
             "elapsed_s": self.elapsed(),
         }
@@ -200,39 +184,47 @@ class Trainer:
             "val_loss": val_loss,
             "val_ppl": None if val_loss is None else math.exp(val_loss),
             "tokens_per_s": tokens_per_s,
-            "lr": None
-            if self.step == 0
-            else learning_rate(self.step - 1, self.cfg.lr, self.cfg.warmup, self.total_steps),
+            "lr": self.lr,  # of the last step
             "elapsed_s": round(self.elapsed(), 3),
         }
 
+    def finished(self) -> bool:
+        """Past the schedule's end (unknown until a time budget has measured the speed) or --stop-at."""
+        total, stop_at = self.schedule.total_steps, self.cfg.stop_at
+        return (total is not None and self.step >= total) or (stop_at is not None and self.step >= stop_at)
+
     def fit(self, stop: StopRequest, out: Path) -> int:
-        """Train up to total_steps (or --stop-at); returns the exit code (0, or 128 + signal)."""
+        """Train to the schedule's end (or --stop-at); returns the exit code (0, or 128 + signal)."""
         cfg, main = self.cfg, self.world.is_main
-        end = self.total_steps if cfg.stop_at is None else min(cfg.stop_at, self.total_steps)
         metrics = MetricsLog(out / METRICS_NAME, None if self.step == 0 else self.step) if main else None
         if self.step == 0 and main:  # the untrained model: about ln(vocab size), the start of the curve
             metrics.append(self.record(None, self.validation_loss(cfg.eval_windows), None))
-        progress = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not main, dynamic_ncols=True)
-        window = (time.perf_counter(), self.step)  # tokens/s is measured over the steps since the last log
+        total = self.schedule.total_steps
+        progress = tqdm(total=total, initial=self.step, unit="step", disable=not main, dynamic_ncols=True)
+        window = (self.clock(), self.step)  # tokens/s is measured over the steps since the last log
+        since = window  # the time budget measures everything: steps, evaluations, saves
         stopped, val_loss = False, None
-        while self.step < end and not stopped:
-            loss = self.train_one(self.step, self.total_steps)
+        while not self.finished() and not stopped:
+            loss = self.train_one(self.step)
             self.step += 1
             self.tokens += self.tokens_per_step
             progress.update()
             is_log = (
-                self.step % cfg.log_interval == 0 or self.step % cfg.eval_interval == 0 or self.step == self.total_steps
+                self.step % cfg.log_interval == 0
+                or self.step % cfg.eval_interval == 0
+                or self.step == self.schedule.total_steps
             )
             if is_log:  # the only place the loop waits for the device
+                self.rebudget(since)
+                since, progress.total = (self.clock(), self.step), self.schedule.total_steps
                 val_loss = self.log(loss, window, metrics, progress, out)
             # One process checks the signal flag every step; many agree at log steps only, since
             # agreeing is a collective operation that waits for every process.
             stopped = self.world.any(stop.signum is not None, self.device) if is_log or self.world.size == 1 else False
-            if main and self.step % cfg.ckpt_interval == 0 and self.step < end and not stopped:
+            if main and self.step % cfg.ckpt_interval == 0 and not self.finished() and not stopped:
                 save_checkpoint(out / CKPT_NAME, self.checkpoint_state())
             if is_log:
-                window = (time.perf_counter(), self.step)  # leave evaluation and saving out of tokens/s
+                window = (self.clock(), self.step)  # leave evaluation and saving out of tokens/s
         progress.close()
         if main:
             save_checkpoint(out / CKPT_NAME, self.checkpoint_state())
@@ -240,7 +232,7 @@ class Trainer:
             if stopped:
                 cause = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
                 print(f"stopped by {cause} after step {self.step}; checkpoint saved, continue with --resume")
-            elif self.step == self.total_steps:
+            elif self.step == self.schedule.total_steps:
                 self.report(
                     val_loss if val_loss is not None else self.validation_loss()
                 )  # None: it had already finished
@@ -253,13 +245,17 @@ class Trainer:
         validation split at the last step), write the metrics line and update the plot.
         Returns the validation loss, or None when there was no evaluation."""
         train_loss = self.world.mean(loss)
-        tokens_per_s = (self.step - window[1]) * self.tokens_per_step / (time.perf_counter() - window[0])
+        tokens_per_s = (self.step - window[1]) * self.tokens_per_step / (self.clock() - window[0])
         if not self.world.is_main:
             return None
-        is_last = self.step == self.total_steps
+        is_last = self.step == self.schedule.total_steps
         val_loss = None
         if self.step % self.cfg.eval_interval == 0 or is_last:
+            eval_started = self.clock()
             val_loss = self.validation_loss(0 if is_last else self.cfg.eval_windows)
+            if self.budget is not None and not is_last:  # the final evaluation covers every window
+                share = min(1.0, (self.cfg.eval_windows or len(self.val_inputs)) / len(self.val_inputs))
+                self.budget.reserve_s = (self.clock() - eval_started) / share
         metrics.append(self.record(train_loss, val_loss, tokens_per_s))
         progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if val_loss is not None:
@@ -285,11 +281,13 @@ class Trainer:
         cfg, config = self.cfg, self.model.config
         return (
             f"model: {self.model.num_parameters():,} parameters (n_layer {config.n_layer}, n_head {config.n_head}, "
-            f"d_model {config.d_model}, {config.head} head, attention {config.attn}); "
+            f"d_model {config.d_model}, {config.pos_embedding} positions, {config.head} head"
+            f"{', tied embeddings' if config.tie_embeddings else ''}, attention {config.attn}); "
             f"data: {len(self.data.train):,} train / {len(self.data.val):,} val tokens, "
             f"vocabulary {len(self.vocab):,}\n"
             f"device {self.device}, {cfg.dtype}{', compiled' if cfg.compile else ''}; {self.world.size} process(es); "
-            f"global batch {cfg.batch_size} x {cfg.grad_accum} x {self.world.size} sequences of {cfg.seq_len} tokens"
+            f"global batch {cfg.batch_size} x {cfg.grad_accum} x {self.world.size} sequences of {cfg.seq_len} tokens; "
+            f"{'Muon + AdamW' if cfg.muon else 'AdamW'}, peak lr {cfg.lr:g}"
         )
 
 
@@ -306,10 +304,10 @@ def train(cfg: TrainConfig, state: dict | None = None) -> int:
             trainer = Trainer.start(cfg, world, device) if state is None else Trainer.resume(cfg, world, device, state)
             if world.is_main:
                 print(trainer.describe())
-            if trainer.total_steps is None:
-                trainer.total_steps = trainer.steps_in_budget(cfg.minutes)
             if world.is_main:
-                print(f"training steps {trainer.step:,} -> {trainer.total_steps:,}; writing {out}/")
+                budget = trainer.budget is not None
+                length = f"{cfg.minutes:g} minutes" if budget else f"{trainer.schedule.total_steps:,} steps"
+                print(f"training from step {trainer.step:,} for {length}; writing {out}/")
             exit_code = trainer.fit(stop, out)
             world.barrier()
             return exit_code

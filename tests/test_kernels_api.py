@@ -66,7 +66,7 @@ def test_changing_a_key_never_changes_earlier_outputs(backend):
 
 
 def test_auto_resolves_by_device():
-    assert kernels.resolve_backend("auto", "cpu") == "reference"
+    assert kernels.resolve_backend("auto", "cpu") == "sdpa"
     assert kernels.resolve_backend("auto", "cuda") == "triton"
     assert set(kernels.BACKENDS) == {"reference", "sdpa", "triton"}
 

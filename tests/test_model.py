@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kernels
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT, AdaptiveInput, GPTConfig, Rotary, rotate
 
 ALL_BACKENDS = kernels.BACKENDS  # triton runs through Triton's interpreter on CPU
 
@@ -99,7 +99,7 @@ def test_without_the_mask_earlier_outputs_do_change():
 
 
 @pytest.mark.parametrize("head", ["full", "adaptive"])
-@pytest.mark.parametrize("pos_embedding", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("pos_embedding", ["learned", "sinusoidal", "rotary"])
 def test_cached_generation_equals_uncached(head, pos_embedding):
     """Past block_size the window slides, so this also covers rebuilding the cache."""
     torch.manual_seed(0)
@@ -134,6 +134,86 @@ def test_tied_embeddings_share_one_matrix():
     assert model.lm_head.weight is model.token_embedding.weight
 
 
+def test_rotary_rotates_each_pair_by_position_times_frequency():
+    """Against the formula written out: pair (i, i + D/2) at position p turns by p / 10000^(2i/D)."""
+    config = tiny_config(n_head=2, d_model=16, pos_embedding="rotary")  # head dim 8: 4 pairs
+    x = torch.randn(1, 2, 16, 8, dtype=torch.float64)
+    positions = torch.arange(16)
+    cos, sin = Rotary(config)(positions)
+    rotated = rotate(x, (cos.double(), sin.double()))
+    expected = torch.empty_like(x)
+    for p in range(16):
+        for i in range(4):
+            angle = p / 10_000 ** (2 * i / 8)
+            a, b = x[..., p, i], x[..., p, i + 4]
+            expected[..., p, i] = a * math.cos(angle) - b * math.sin(angle)
+            expected[..., p, i + 4] = a * math.sin(angle) + b * math.cos(angle)
+    torch.testing.assert_close(rotated, expected, rtol=1e-6, atol=1e-6)  # cos/sin tables are float32
+
+
+def test_rotary_scores_depend_only_on_the_distance():
+    config = tiny_config(n_head=1, d_model=8, pos_embedding="rotary")
+    rotation = Rotary(config)(torch.arange(16))
+    q, k = torch.randn(8), torch.randn(8)
+
+    def score(m: int, n: int) -> torch.Tensor:  # query at position m, key at position n
+        return rotate(q, (rotation[0][m], rotation[1][m])) @ rotate(k, (rotation[0][n], rotation[1][n]))
+
+    torch.testing.assert_close(score(5, 2), score(13, 10))
+    torch.testing.assert_close(score(3, 3), q @ k)
+    assert not torch.allclose(score(5, 2), score(5, 4))
+
+
+def test_rotary_model_has_no_position_table_and_sees_order():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(pos_embedding="rotary"))
+    assert not any("position_embedding" in name for name, _ in model.named_parameters())
+    idx = tokens(1, 16)
+    swapped = idx.clone()
+    swapped[0, [2, 3]] = idx[0, [3, 2]]
+    with torch.no_grad():
+        assert (model(swapped)[0][0, -1] - model(idx)[0][0, -1]).abs().max() > 1e-4
+
+
+def tied_adaptive_model():
+    torch.manual_seed(0)
+    return GPT(tiny_config(vocab_size=500, head="adaptive", adaptive_cutoffs=[50, 200], tie_embeddings=True))
+
+
+def test_tied_adaptive_input_reads_the_heads_word_vectors():
+    model = tied_adaptive_model()
+    assert isinstance(model.token_embedding, AdaptiveInput) and model.token_embedding.head is model.lm_head
+    head = model.lm_head
+    idx = torch.tensor([[0, 49, 50, 199, 200, 499]])
+    vectors = model.token_embedding(idx)
+    assert vectors.shape == (1, 6, 32)
+    # shortlist: a row of the head's matrix; cluster c: its small vector times its projection
+    torch.testing.assert_close(vectors[0, 1], head.head.weight[49])
+    project, words = head.tail[0]  # cluster 1: ids 50..199, 32 / 4 = 8 dims
+    torch.testing.assert_close(vectors[0, 3], words.weight[149] @ project.weight)
+    project, words = head.tail[1]  # cluster 2: ids 200..499, 32 / 16 = 2 dims
+    torch.testing.assert_close(vectors[0, 4], words.weight[0] @ project.weight)
+    untied = GPT(tiny_config(vocab_size=500, head="adaptive", adaptive_cutoffs=[50, 200], tie_embeddings=False))
+    assert untied.num_parameters() - model.num_parameters() == 500 * 32  # the whole table is gone
+
+
+def test_tied_adaptive_input_gets_gradients_from_both_ends():
+    model = tied_adaptive_model()
+    rare = 300  # a cluster-2 word: its vector is read as input and scored as output
+    idx = torch.full((1, 8), 3)
+    idx[0, 2] = rare
+    targets = torch.full((1, 8), 4)
+    _, loss = model(idx, targets)  # the rare word is only an input here
+    loss.backward()
+    words = model.lm_head.tail[1][1].weight
+    assert words.grad[rare - 200].abs().sum() > 0  # through the input embedding
+    assert words.grad[rare - 199].abs().sum() == 0  # no target in cluster 2: its other words get nothing
+    model.zero_grad()
+    _, loss = model(torch.full((1, 8), 3), torch.full((1, 8), rare))  # now only an output
+    loss.backward()
+    assert words.grad[rare - 200].abs().sum() > 0
+
+
 def test_sequence_longer_than_block_size_is_rejected():
     model = GPT(tiny_config())
     with pytest.raises(ValueError, match="exceeds block_size 16"):
@@ -144,8 +224,8 @@ def test_sequence_longer_than_block_size_is_rejected():
     "overrides,message",
     [
         (dict(d_model=30, n_head=4), "divisible by n_head"),
-        (dict(pos_embedding="rotary"), "pos_embedding must be"),
-        (dict(head="adaptive", tie_embeddings=True), "tie_embeddings needs head='full'"),
+        (dict(pos_embedding="alibi"), "pos_embedding must be"),
+        (dict(d_model=30, n_head=2, pos_embedding="rotary"), "must be even"),
         (dict(attn="flash"), "unknown attention backend"),
     ],
 )

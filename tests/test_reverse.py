@@ -66,7 +66,7 @@ def test_without_the_mask_the_model_reads_the_answer_and_cheats(tmp_path):
         ["--steps", "0"],
         ["--n-digits", "2"],
         ["--lr", "-1"],
-        ["--pos-embedding", "rotary"],
+        ["--pos-embedding", "alibi"],
         ["--device", "nonsense"],
         ["--batch-size", "x"],
         ["--seed", str(2**64)],

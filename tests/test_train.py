@@ -54,18 +54,7 @@ def test_model_flags_come_from_gpt_config_and_default_to_its_defaults():
     assert config.configure([])[0] == config.TrainConfig()
 
 
-def test_learning_rate_warms_up_linearly_then_decays_to_a_tenth():
-    lr = [step.learning_rate(n, 1.0, warmup=10, total_steps=110) for n in range(110)]
-    assert lr[0] == pytest.approx(0.1) and lr[4] == pytest.approx(0.5) and lr[9] == pytest.approx(1.0)
-    assert lr[10] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lr[9:], lr[10:]))  # never increases after warmup
-    assert lr[60] == pytest.approx(0.55)  # halfway: the cosine is at its midpoint
-    assert step.learning_rate(110, 1.0, 10, 110) == pytest.approx(step.FINAL_LR_FRACTION)
-    assert step.learning_rate(500, 1.0, 10, 110) == pytest.approx(step.FINAL_LR_FRACTION)
-
-
-@pytest.mark.parametrize("head, tie", [("full", False), ("full", True), ("adaptive", False)])
-def test_weight_decay_only_on_linear_weight_matrices(head, tie):
+def small_model(head: str = "full", tie: bool = False) -> nn.Module:
     model_config = GPTConfig(
         vocab_size=64,
         block_size=8,
@@ -76,15 +65,45 @@ def test_weight_decay_only_on_linear_weight_matrices(head, tie):
         tie_embeddings=tie,
         adaptive_cutoffs=[8, 32],
     )
-    model = step.build_model(model_config, "cpu", seed=0)
+    return step.build_model(model_config, "cpu", seed=0)
+
+
+@pytest.mark.parametrize("head, tie", [("full", False), ("full", True), ("adaptive", False), ("adaptive", True)])
+def test_weight_decay_only_on_linear_weight_matrices(head, tie):
+    model = small_model(head, tie)
     decayed, not_decayed = step.configure_optimizer(model, 1e-3, 0.1, "cpu").param_groups
     assert decayed["weight_decay"] == 0.1 and not_decayed["weight_decay"] == 0.0
     linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    embeddings = {id(p) for p in model.token_embedding.parameters()}  # tied: the output layer's too
     assert {id(p) for p in decayed["params"]} == linear_weights - embeddings
     assert all(p.dim() == 2 for p in decayed["params"])
     everything = decayed["params"] + not_decayed["params"]
     assert len(everything) == len({id(p) for p in everything}) == len(list(model.parameters()))
+    if tie and head == "adaptive":  # the adaptive head is the embedding: nothing of it decays
+        assert not {id(p) for p in model.lm_head.parameters()} & {id(p) for p in decayed["params"]}
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = small_model("adaptive", tie=True)
+    optimizer = step.configure_optimizer(model, 1e-3, 0.1, "cpu", muon=True)
+    muon, adamw = optimizer.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    in_blocks = {id(m.weight) for m in model.blocks.modules() if isinstance(m, nn.Linear)}
+    assert len(in_blocks) == 2 * 4  # qkv, proj, up, down per block
+    assert {id(p) for group in muon.param_groups for p in group["params"]} == in_blocks
+    adamw_params = [p for group in adamw.param_groups for p in group["params"]]
+    assert not {id(p) for p in adamw_params} & in_blocks
+    assert len(adamw_params) + len(in_blocks) == len(list(model.parameters()))
+    assert muon.param_groups[0]["weight_decay"] == 0.1
+    # One step through train_step moves both kinds, and the state round-trips.
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    step.train_step(model, optimizer, [(x, x.roll(-1, 1))], lr=1e-2)
+    assert not torch.equal(before["blocks.0.attn.qkv.weight"], model.blocks[0].attn.qkv.weight)
+    assert not torch.equal(before["lm_head.head.weight"], model.lm_head.head.weight)
+    again = step.configure_optimizer(small_model("adaptive", tie=True), 1e-3, 0.1, "cpu", muon=True)
+    again.load_state_dict(optimizer.state_dict())
+    assert again.optimizers[0].state_dict()["state"].keys() == muon.state_dict()["state"].keys()
 
 
 def test_gradient_accumulation_equals_one_big_batch():
@@ -142,8 +161,8 @@ def test_run_writes_metrics_checkpoint_plot_and_a_final_report(corpus, tmp_path,
 
     state = load_checkpoint(out / "ckpt.pt")
     assert set(REQUIRED_KEYS) <= set(state)
-    assert state["step"] == state["total_steps"] == 8
-    assert state["model_config"]["block_size"] == 16 and state["model_config"]["attn"] == "reference"
+    assert state["step"] == state["schedule"]["total_steps"] == 8 and state["budget"] is None
+    assert state["model_config"]["block_size"] == 16 and state["model_config"]["attn"] == "sdpa"
     assert state["train_config"]["batch_size"] == 8
     assert not any(key.startswith(("_orig_mod", "module")) for key in state["model"])  # the unwrapped model
 
@@ -158,9 +177,26 @@ def test_run_writes_metrics_checkpoint_plot_and_a_final_report(corpus, tmp_path,
     assert "sample" in stdout
 
 
-@pytest.mark.parametrize("dropout", ["0.0", "0.2"])
-def test_resume_reproduces_an_uninterrupted_run(corpus, tmp_path, dropout):
-    flags = ["--steps", "8", "--dropout", dropout]
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--dropout", "0.0"],
+        ["--dropout", "0.2"],
+        [
+            "--muon",
+            "--pos-embedding",
+            "rotary",
+            "--head",
+            "adaptive",
+            "--adaptive-cutoffs",
+            "8",
+            "16",
+            "--tie-embeddings",
+        ],
+    ],
+)
+def test_resume_reproduces_an_uninterrupted_run(corpus, tmp_path, options):
+    flags = ["--steps", "8", *options]
     whole, halves = tmp_path / "whole", tmp_path / "halves"
     assert train.main(tiny_args(corpus, whole, *flags)) == 0
     assert train.main(tiny_args(corpus, halves, *flags, "--stop-at", "4")) == 0
@@ -175,15 +211,17 @@ def test_resume_reproduces_an_uninterrupted_run(corpus, tmp_path, dropout):
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
 
 
-def test_minutes_fixes_the_step_count_once_and_resume_keeps_it(corpus, tmp_path, capsys):
+def test_minutes_resume_continues_the_measured_schedule(corpus, tmp_path, capsys):
     out = tmp_path / "out"
-    assert train.main(tiny_args(corpus, out, "--minutes", "0.03", "--stop-at", "2", "--eval-interval", "50")) == 0
-    assert "steps fit in 0.03 minutes" in capsys.readouterr().out
-    total = load_checkpoint(out / "ckpt.pt")["total_steps"]
-    assert total > 2
-    assert train.main(["--resume", "--out", str(out), "--stop-at", "4"]) == 0
+    assert train.main(tiny_args(corpus, out, "--minutes", "0.05", "--stop-at", "4")) == 0
+    assert "for 0.05 minutes" in capsys.readouterr().out
+    first = load_checkpoint(out / "ckpt.pt")
+    assert first["schedule"]["total_steps"] > 4 and first["budget"]["step_s"] > 0  # measured at the log steps
+    assert train.main(["--resume", "--out", str(out), "--stop-at", "6"]) == 0
     state = load_checkpoint(out / "ckpt.pt")
-    assert state["step"] == 4 and state["total_steps"] == total
+    assert state["step"] == 6 and state["elapsed_s"] > first["elapsed_s"]
+    with pytest.raises(ValueError, match="--minutes cannot change"):
+        config.configure(["--resume", "--out", str(out), "--minutes", "3"])
 
 
 def test_resume_cannot_change_the_model_shape_or_the_step_budget(corpus, tmp_path):

@@ -104,6 +104,8 @@ def lm_config(**overrides) -> GPTConfig:
         d_model=64,
         attn="sdpa",
         head="full",
+        tie_embeddings=False,
+        pos_embedding="learned",
         dropout=0.0,
     )
     fields.update(overrides)

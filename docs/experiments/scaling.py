@@ -134,6 +134,8 @@ def main() -> None:
         d_model=128,
         attn="reference",
         head="full",
+        tie_embeddings=False,
+        pos_embedding="learned",
         dropout=0.0,
     )
     model = GPT(config).eval()
