@@ -166,6 +166,17 @@ FULL = Plan(
 
 # Tiny shapes: our kernel runs interpreted without CUDA, about a second per call even here.
 # Odd lengths exercise the masked edges; the model shapes keep the adaptive head.
+SMOKE_MODEL = ModelShape(
+    "default",
+    n_layer=1,
+    n_head=2,
+    d_model=32,
+    seq_len=16,
+    batch_size=2,
+    vocab_size=256,
+    adaptive_cutoffs=(32, 128),
+    dropout=0.1,
+)
 SMOKE = Plan(
     dtype=torch.bfloat16,
     parity_train=(1, 2, 32, 16),
@@ -181,30 +192,7 @@ SMOKE = Plan(
     decode_kv_lens=(17, 40),
     decode_batch=1,
     decode_heads=2,
-    models=(
-        ModelShape(
-            "default",
-            n_layer=1,
-            n_head=2,
-            d_model=32,
-            seq_len=16,
-            batch_size=2,
-            vocab_size=256,
-            adaptive_cutoffs=(32, 128),
-            dropout=0.1,
-        ),
-        ModelShape(
-            "long",
-            n_layer=1,
-            n_head=2,
-            d_model=32,
-            seq_len=32,
-            batch_size=1,
-            vocab_size=256,
-            adaptive_cutoffs=(32, 128),
-            dropout=0.1,
-        ),
-    ),
+    models=(SMOKE_MODEL, replace(SMOKE_MODEL, model="long", seq_len=32, batch_size=1)),
     train_seconds=0.0,
     sample_tokens=4,
     bench_warmup_ms=5,
