@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
-from common import SHAKESPEARE_VOCAB, median_seconds, save, save_figure
+from common import lm_config, median_seconds, save, save_figure
 
 import kernels
 from gpt.model import GPT, GPTConfig
@@ -126,18 +126,7 @@ def main() -> None:
     # The shape of the default Shakespeare model (python -m gpt.train), with a 2,000-word full output
     # layer: the real 34,216-word one costs the same per token with or without the cache, and at
     # that size it dominates generation time and hides what the cache changes.
-    config = GPTConfig(
-        vocab_size=SHAKESPEARE_VOCAB,
-        block_size=max(LENGTHS),
-        n_layer=4,
-        n_head=4,
-        d_model=128,
-        attn="reference",
-        head="full",
-        tie_embeddings=False,
-        pos_embedding="learned",
-        dropout=0.0,
-    )
+    config = lm_config(block_size=max(LENGTHS), d_model=128, attn="reference")
     model = GPT(config).eval()
     gru_lm = GRULanguageModel(config).eval()
     body_params = sum(p.numel() for p in model.blocks.parameters())
@@ -150,7 +139,7 @@ def main() -> None:
         "scaling",
         {
             "threads": 1,
-            "config": {"n_layer": 4, "n_head": 4, "d_model": 128, "vocab_size": SHAKESPEARE_VOCAB},
+            "config": {name: getattr(config, name) for name in ("n_layer", "n_head", "d_model", "vocab_size")},
             "transformer_block_parameters": body_params,
             "gru_parameters": gru_params,
             "forward": forward,
