@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .model import GPT, AdaptiveInput, GPTConfig
+from .muon import Muon
 
 
 def build_model(config: GPTConfig, device: torch.device | str, seed: int) -> GPT:
@@ -38,6 +39,8 @@ def configure_optimizer(
     before the update, so every direction of the matrix moves at the same rate, not just the
     dominant one; it is meant for the hidden 2-D weights, not for embeddings, the output layer or
     vectors. "match_rms_adamw" scales its update to AdamW's size, so the same lr serves both.
+    gpt/muon.py is torch.optim.Muon with its orthogonalization in a precision that is fast on
+    the parameters' device.
     """
     embeddings = {
         id(p) for m in model.modules() if isinstance(m, (nn.Embedding, AdaptiveInput)) for p in m.parameters()
@@ -53,9 +56,7 @@ def configure_optimizer(
     if not muon:
         return adamw
     matrices_for_muon = [p for p in params if id(p) in hidden]
-    return Optimizers(
-        torch.optim.Muon(matrices_for_muon, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"), adamw
-    )
+    return Optimizers(Muon(matrices_for_muon, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"), adamw)
 
 
 class Optimizers:

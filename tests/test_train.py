@@ -22,6 +22,7 @@ from gpt import config, step, train
 from gpt.checkpoint import REQUIRED_KEYS, load_checkpoint
 from gpt.data import TokenData, load_data
 from gpt.model import GPTConfig
+from gpt.muon import Muon
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,7 +88,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     model = small_model("adaptive", tie=True)
     optimizer = step.configure_optimizer(model, 1e-3, 0.1, "cpu", muon=True)
     muon, adamw = optimizer.optimizers
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     in_blocks = {id(m.weight) for m in model.blocks.modules() if isinstance(m, nn.Linear)}
     assert len(in_blocks) == 2 * 4  # qkv, proj, up, down per block
     assert {id(p) for group in muon.param_groups for p in group["params"]} == in_blocks
