@@ -25,6 +25,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0  # index among the processes on this machine: which GPU to use
+    local_size: int = 1  # processes on this machine: they share its cores
 
     @property
     def is_main(self) -> bool:
@@ -70,6 +71,7 @@ def setup_world(device_name: str | None) -> tuple[World, torch.device]:
         rank=int(os.environ.get("RANK", 0)),
         size=int(os.environ.get("WORLD_SIZE", 1)),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        local_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
     )
     device = pick_device(device_name, world.local_rank)
     if world.size > 1:
