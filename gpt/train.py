@@ -30,9 +30,10 @@ from tqdm import tqdm
 from .checkpoint import FORMAT, restore_model, save_checkpoint
 from .cli import resolve_attention, run_program
 from .config import DTYPES, TrainConfig, configure
+from .cpu import use_cpu
 from .data import TokenData, Vocab, load_data
 from .distributed import World, setup_world, wrap_for_training
-from .model import GPT
+from .model import GPT, GPTConfig
 from .plot import plot_losses
 from .runfiles import CKPT_NAME, METRICS_NAME, PLOT_NAME, MetricsLog, StopRequest
 from .sample import complete
@@ -41,6 +42,11 @@ from .step import build_model, configure_optimizer, evaluate, to_device, train_s
 
 # Validation perplexities on the same split, for comparison at the end of a run.
 BASELINES = (("Kneser-Ney trigram", 69.0), ("unigram", 203.0), ("nanoGPT, 15 min", 58.2))
+# README's default run (docs/results/train_default_v2/): a machine's speed is compared with it.
+REFERENCE_RUN = {"tokens_per_s": 14_500, "tokens": 11.8e6, "val_ppl": 36.34}
+# The first speed report comes at the first log step, or after this many seconds of steps if
+# that is sooner (a slow machine or Triton's interpreter may take minutes to reach a log step).
+FIRST_REPORT_S = 10.0
 
 
 class Trainer:
@@ -71,6 +77,7 @@ class Trainer:
             self.schedule, self.budget = Schedule(cfg.lr, cfg.warmup, None), TimeBudget(cfg.minutes * 60, cfg.decay)
         self.clock = time.perf_counter  # a test may replace it with a simulated clock
         self.started = self.clock()
+        self.speed_reported = False  # the first log step says how fast this machine trains
 
     @classmethod
     def start(cls, cfg: TrainConfig, world: World, device: torch.device) -> "Trainer":
@@ -213,6 +220,8 @@ class Trainer:
                 self.step % cfg.log_interval == 0
                 or self.step % cfg.eval_interval == 0
                 or self.step == self.schedule.total_steps
+                # (one process only: with several, every log step is a collective all must join)
+                or (self.world.size == 1 and not self.speed_reported and self.clock() - window[0] >= FIRST_REPORT_S)
             )
             if is_log:  # the only place the loop waits for the device
                 self.rebudget(since)
@@ -246,6 +255,7 @@ class Trainer:
         Returns the validation loss, or None when there was no evaluation."""
         train_loss = self.world.mean(loss)
         tokens_per_s = (self.step - window[1]) * self.tokens_per_step / (self.clock() - window[0])
+        first_report, self.speed_reported = not self.speed_reported, True
         if not self.world.is_main:
             return None
         is_last = self.step == self.schedule.total_steps
@@ -258,6 +268,8 @@ class Trainer:
                 self.budget.reserve_s = (self.clock() - eval_started) / share
         metrics.append(self.record(train_loss, val_loss, tokens_per_s))
         progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        if first_report:
+            progress.write(self.speed_report(tokens_per_s))
         if val_loss is not None:
             progress.write(
                 f"step {self.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
@@ -265,6 +277,41 @@ class Trainer:
             )
             plot_losses(metrics.records, out / PLOT_NAME)
         return val_loss
+
+    def speed_report(self, tokens_per_s: float) -> str:
+        """What the speed measured so far means for this run: how long it takes or how far a time
+        budget gets; and, for the default model on a CPU much slower than README's reference run,
+        what that does to the result."""
+        cfg, step_s = self.cfg, self.tokens_per_step / tokens_per_s
+        total = self.schedule.total_steps  # with --minutes, re-estimated from this speed a moment ago
+        if self.budget is not None:
+            plan = (
+                f"the {cfg.minutes:g}-minute budget fits about {total:,} steps "
+                f"({total * self.tokens_per_step / 1e6:.1f}M tokens)"
+            )
+        else:
+            plan = f"{total:,} steps take about {(total - self.step) * step_s / 60:.1f} more minutes"
+        lines = [f"speed: {tokens_per_s:,.0f} tokens/s ({step_s:.3g} s a step) over the first steps; {plan}"]
+        slower = REFERENCE_RUN["tokens_per_s"] / tokens_per_s
+        if self.is_default_step() and slower >= 2:
+            tokens = total * self.tokens_per_step
+            lines.append(
+                f"this machine trains the default model {slower:.1f}x slower than README's reference run "
+                f"({REFERENCE_RUN['tokens_per_s']:,} tokens/s): this run sees about {tokens / 1e6:.1f}M tokens "
+                f"where that one saw {REFERENCE_RUN['tokens'] / 1e6:.1f}M, so expect a higher validation perplexity "
+                f"than its {REFERENCE_RUN['val_ppl']} (docs/recipe.md: what the default reaches with fewer tokens)"
+            )
+        return "\n".join(lines)
+
+    def is_default_step(self) -> bool:
+        """Whether a step here is the reference run's step: its model, batch and optimizer, on a CPU."""
+        cfg, defaults = self.cfg, TrainConfig()
+        same_run = all(
+            getattr(cfg, name) == getattr(defaults, name)
+            for name in ("batch_size", "seq_len", "grad_accum", "muon", "dtype", "compile")
+        )
+        model = replace(self.model.config, attn=GPTConfig.attn, dropout=GPTConfig.dropout)
+        return same_run and model == GPTConfig() and self.model.config.attn == "sdpa" and self.device.type == "cpu"
 
     def report(self, val_loss: float) -> None:
         """The final result, the baselines, and a sample of the model's writing."""
@@ -279,13 +326,16 @@ class Trainer:
 
     def describe(self) -> str:
         cfg, config = self.cfg, self.model.config
+        threads = torch.get_num_threads()
+        threads = f" ({threads} thread{'s' if threads > 1 else ''})" if self.device.type == "cpu" else ""
         return (
             f"model: {self.model.num_parameters():,} parameters (n_layer {config.n_layer}, n_head {config.n_head}, "
             f"d_model {config.d_model}, {config.pos_embedding} positions, {config.head} head"
             f"{', tied embeddings' if config.tie_embeddings else ''}, attention {config.attn}); "
             f"data: {len(self.data.train):,} train / {len(self.data.val):,} val tokens, "
             f"vocabulary {len(self.vocab):,}\n"
-            f"device {self.device}, {cfg.dtype}{', compiled' if cfg.compile else ''}; {self.world.size} process(es); "
+            f"device {self.device}{threads}, {cfg.dtype}{', compiled' if cfg.compile else ''}; "
+            f"{self.world.size} process(es); "
             f"global batch {cfg.batch_size} x {cfg.grad_accum} x {self.world.size} sequences of {cfg.seq_len} tokens; "
             f"{'Muon + AdamW' if cfg.muon else 'AdamW'}, peak lr {cfg.lr:g}"
         )
@@ -294,6 +344,8 @@ class Trainer:
 def train(cfg: TrainConfig, state: dict | None = None) -> int:
     """Run (or resume) training as configured; returns the process exit code."""
     world, device = setup_world(cfg.device)
+    if device.type == "cpu":
+        use_cpu(world.local_size)  # threads for this machine's share of cores; freed memory kept
     try:
         out = Path(cfg.out)
         if world.is_main:
@@ -308,6 +360,12 @@ def train(cfg: TrainConfig, state: dict | None = None) -> int:
                 budget = trainer.budget is not None
                 length = f"{cfg.minutes:g} minutes" if budget else f"{trainer.schedule.total_steps:,} steps"
                 print(f"training from step {trainer.step:,} for {length}; writing {out}/")
+                if device.type == "cpu" and trainer.model.config.attn == "triton":
+                    print(
+                        "note: --attn triton on a CPU runs our kernel through Triton's interpreter, which checks "
+                        "its results but is hundreds of times slower (minutes per evaluation and per step); "
+                        "--attn sdpa trains the same model at full speed"
+                    )
             exit_code = trainer.fit(stop, out)
             world.barrier()
             return exit_code

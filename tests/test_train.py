@@ -20,9 +20,12 @@ from helpers import REPO, assert_same_losses, metrics, run_module, start_module,
 
 from gpt import config, step, train
 from gpt.checkpoint import REQUIRED_KEYS, load_checkpoint
+from gpt.config import TrainConfig
 from gpt.data import TokenData, load_data
+from gpt.distributed import World
 from gpt.model import GPTConfig
 from gpt.muon import Muon
+from gpt.runfiles import StopRequest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -210,6 +213,51 @@ def test_resume_reproduces_an_uninterrupted_run(corpus, tmp_path, options):
     a, b = load_checkpoint(whole / "ckpt.pt"), load_checkpoint(halves / "ckpt.pt")
     for name, tensor in a["model"].items():
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0)
+
+
+def test_the_first_steps_say_how_fast_this_machine_trains(corpus, tmp_path, capsys):
+    """A machine so slow that the first log step is far off reports its speed after FIRST_REPORT_S
+    seconds of steps, with what it means for the run (simulated clock: 4 s a step)."""
+    cfg, _ = config.configure(tiny_args(corpus, tmp_path / "out", "--steps", "20", "--log-interval", "50"))
+    trainer = train.Trainer.start(cfg, World(), torch.device("cpu"))
+    now = [0.0]
+    trainer.clock, trainer.started = (lambda: now[0]), 0.0
+    real_train_one = trainer.train_one
+
+    def slow_train_one(step: int) -> torch.Tensor:
+        now[0] += 4.0
+        return real_train_one(step)
+
+    trainer.train_one = slow_train_one
+    (tmp_path / "out").mkdir()
+    with StopRequest() as stop:
+        assert trainer.fit(stop, tmp_path / "out") == 0
+    logged = [record["step"] for record in metrics(tmp_path / "out")]
+    assert logged[:2] == [0, 3]  # step 3 is the first to end >= 10 s in; then the regular log steps
+    per_step = 8 * 16  # batch x seq_len
+    out = capsys.readouterr().out
+    assert f"speed: {per_step / 4:,.0f} tokens/s (4 s a step) over the first steps; " in out
+    assert "20 steps take about 1.1 more minutes" in out  # 17 more steps of 4 s
+    assert out.count("speed:") == 1
+
+
+def test_a_machine_slower_than_the_reference_is_told_what_it_means(corpus, tmp_path):
+    """Only the default model's step is compared with README's reference run."""
+    default = train.Trainer.start(TrainConfig(out=str(tmp_path)), World(), torch.device("cpu"))
+    default.schedule.total_steps = 1000  # what --minutes would have estimated from this speed
+    reference = train.REFERENCE_RUN["tokens_per_s"]
+    slow = default.speed_report(reference / 4)
+    assert "the 14-minute budget fits about 1,000 steps (2.0M tokens)" in slow
+    assert "4.0x slower than README's reference run" in slow and "about 2.0M tokens where that one saw 11.8M" in slow
+    assert "slower" not in default.speed_report(reference / 1.5)  # within a factor of 2: no warning
+    cfg, _ = config.configure(tiny_args(corpus, tmp_path / "tiny", "--steps", "20"))
+    tiny = train.Trainer.start(cfg, World(), torch.device("cpu"))
+    assert "slower" not in tiny.speed_report(1.0)  # another model: nothing to compare with
+
+
+def test_triton_on_a_cpu_says_up_front_that_it_is_interpreted(corpus, tmp_path, capsys):
+    assert train.main(tiny_args(corpus, tmp_path / "out", "--steps", "2", "--attn", "triton")) == 0
+    assert "note: --attn triton on a CPU runs our kernel through Triton's interpreter" in capsys.readouterr().out
 
 
 def test_minutes_resume_continues_the_measured_schedule(corpus, tmp_path, capsys):
