@@ -315,9 +315,13 @@ def _training_table(results, ratios: dict, stat, caption) -> str:
                 ]
         body.append(row)
     cfg = info(through or to_loss)
+    optimizer = cfg.get("optimizer", "")
+    if cfg.get("orthogonalization"):
+        optimizer += f" (Muon orthogonalizes in {cfg['orthogonalization']})"
     text = [
         f"#### Training on Shakespeare, config {cfg.get('config', 'default')!r}: {cfg.get('model', '')}, "
-        f"batch {cfg.get('batch_size')} × {cfg.get('seq_len')} tokens, {cfg.get('dtype', '')}\n",
+        f"batch {cfg.get('batch_size')} × {cfg.get('seq_len')} tokens, {cfg.get('dtype', '')}"
+        f"{', ' + optimizer if optimizer else ''}\n",
         _markdown(header, body),
     ]
     if caption:
