@@ -6,8 +6,9 @@ setup(
     description="A small, hackable GPT trained on Shakespeare, with a fused causal-attention Triton kernel",
     packages=["kernels", "gpt", "bench"],
     python_requires=">=3.10",
-    # torch is a range so that an already installed build (e.g. the CPU wheel torch==2.13.0) is kept.
-    install_requires=["torch>=2.4", "triton", "tqdm", "matplotlib", "numpy"],
+    # torch is a range so that an already installed build (e.g. the CPU wheel torch==2.13.0) is kept;
+    # 2.9 is the first release with torch.optim.Muon, which the default run uses.
+    install_requires=["torch>=2.9", "triton", "tqdm", "matplotlib", "numpy"],
     extras_require={"test": ["pytest", "pytest-benchmark", "ruff"]},
     entry_points={
         "console_scripts": [
