@@ -53,6 +53,9 @@ class TrainConfig:
     weight_decay: float = option(0.1, "AdamW weight decay, applied to Linear weight matrices only")
     muon: bool = option(True, "Muon for the blocks' weight matrices (AdamW for the rest): see configure_optimizer")
     grad_clip: float = option(1.0, "clip the global gradient norm to this; 0: no clipping")
+    dropout_after: float = option(
+        3.0, "epochs of training data before --dropout switches on (0: from the start); see Trainer.dropout_at"
+    )
     seed: int = option(1337, "seed of the initial weights, the data order and dropout")
     # Bookkeeping.
     log_interval: int = option(50, "steps between lines in metrics.jsonl (train loss, tokens/s)")
@@ -88,7 +91,7 @@ class TrainConfig:
         ):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("warmup", "weight_decay", "grad_clip", "eval_windows"):
+        for name in ("warmup", "weight_decay", "grad_clip", "eval_windows", "dropout_after"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.decay <= 1:

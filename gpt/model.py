@@ -48,7 +48,7 @@ class GPTConfig:
     n_layer: int = option(4, "transformer blocks")
     n_head: int = option(4, "attention heads per block; must divide d_model")
     d_model: int = option(128, "width of the residual stream (embedding size)")
-    dropout: float = option(0.1, "dropout probability inside the model (regularizes the later epochs of a CPU run)")
+    dropout: float = option(0.1, "dropout probability inside the model (training switches it on after --dropout-after)")
     attn: str = option(
         "auto", "attention backend; auto: triton on CUDA, sdpa elsewhere", choices=kernels.BACKEND_CHOICES
     )
@@ -322,6 +322,12 @@ class GPT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def set_dropout(self, p: float) -> None:
+        """Change every dropout layer's probability (gpt.train switches dropout on late in a run)."""
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Token ids (B, T) -> final normalized hidden states (B, T, d_model)."""

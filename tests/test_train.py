@@ -186,6 +186,7 @@ def test_run_writes_metrics_checkpoint_plot_and_a_final_report(corpus, tmp_path,
     [
         ["--dropout", "0.0"],
         ["--dropout", "0.2"],
+        ["--dropout", "0.2", "--dropout-after", "0.015"],  # dropout switches on at step 4, where the run halves
         [
             "--muon",
             "--pos-embedding",
@@ -218,7 +219,8 @@ def test_resume_reproduces_an_uninterrupted_run(corpus, tmp_path, options):
 def test_the_first_steps_say_how_fast_this_machine_trains(corpus, tmp_path, capsys):
     """A machine so slow that the first log step is far off reports its speed after FIRST_REPORT_S
     seconds of steps, with what it means for the run (simulated clock: 4 s a step)."""
-    cfg, _ = config.configure(tiny_args(corpus, tmp_path / "out", "--steps", "20", "--log-interval", "50"))
+    flags = ["--steps", "20", "--log-interval", "50", "--eval-interval", "50"]  # no log step before step 20
+    cfg, _ = config.configure(tiny_args(corpus, tmp_path / "out", *flags))
     trainer = train.Trainer.start(cfg, World(), torch.device("cpu"))
     now = [0.0]
     trainer.clock, trainer.started = (lambda: now[0]), 0.0
@@ -232,12 +234,13 @@ def test_the_first_steps_say_how_fast_this_machine_trains(corpus, tmp_path, caps
     (tmp_path / "out").mkdir()
     with StopRequest() as stop:
         assert trainer.fit(stop, tmp_path / "out") == 0
+    first = math.ceil(train.FIRST_REPORT_S / 4)  # the first step that ends FIRST_REPORT_S into training
     logged = [record["step"] for record in metrics(tmp_path / "out")]
-    assert logged[:2] == [0, 3]  # step 3 is the first to end >= 10 s in; then the regular log steps
+    assert logged[:2] == [0, first]  # then the regular log steps
     per_step = 8 * 16  # batch x seq_len
     out = capsys.readouterr().out
     assert f"speed: {per_step / 4:,.0f} tokens/s (4 s a step) over the first steps; " in out
-    assert "20 steps take about 1.1 more minutes" in out  # 17 more steps of 4 s
+    assert f"20 steps take about {(20 - first) * 4 / 60:.1f} more minutes" in out
     assert out.count("speed:") == 1
 
 
@@ -258,6 +261,18 @@ def test_a_machine_slower_than_the_reference_is_told_what_it_means(corpus, tmp_p
 def test_triton_on_a_cpu_says_up_front_that_it_is_interpreted(corpus, tmp_path, capsys):
     assert train.main(tiny_args(corpus, tmp_path / "out", "--steps", "2", "--attn", "triton")) == 0
     assert "note: --attn triton on a CPU runs our kernel through Triton's interpreter" in capsys.readouterr().out
+
+
+def test_dropout_switches_on_after_the_given_epochs(corpus, tmp_path):
+    cfg, _ = config.configure(tiny_args(corpus, tmp_path / "out", "--dropout", "0.2", "--dropout-after", "0.015"))
+    trainer = train.Trainer.start(cfg, World(), torch.device("cpu"))
+    switch = math.ceil(0.015 * len(trainer.data.train) / trainer.tokens_per_step)  # 128 tokens a step
+    assert switch == 4
+    dropout_layers = [m for m in trainer.model.modules() if isinstance(m, nn.Dropout)]
+    assert len(dropout_layers) == 1 + 2 * cfg.model.n_layer  # embeddings, then attention and MLP outputs
+    for n in range(6):
+        trainer.train_one(n)
+        assert {m.p for m in dropout_layers} == {0.0 if n < switch else 0.2}
 
 
 def test_minutes_resume_continues_the_measured_schedule(corpus, tmp_path, capsys):
