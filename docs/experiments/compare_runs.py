@@ -1,7 +1,7 @@
 """Validation perplexity against seconds of training for several runs of gpt.train, with the
 baselines as horizontal lines: the figure beside README's result table.
 
-    python docs/experiments/compare_runs.py    # writes docs/results/train_default_v2/compare.png
+    python docs/experiments/compare_runs.py    # writes docs/results/train_default_v3/compare.png
 """
 
 import json
@@ -14,8 +14,12 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 RUNS = {  # label: folder under docs/results holding the run's metrics.jsonl
-    "new default (rotary, tied adaptive input, Muon, WSD, 128 tokens)": "train_default_v2",
-    "previous default": "train_default",
+    "default, 2 threads": "train_default_v3",
+    "default, 2 threads, AVX2 only": "train_default_v3_avx2",
+    "default, 1 thread, AVX2 only": "one_core_avx2/default",
+    "previous code, 1 thread, AVX2 only": "one_core_avx2/previous",
+    "before the CPU changes, 2 threads, faster day": "train_default_v2",
+    "previous default (learned positions, AdamW, cosine, 64 tokens)": "train_default",
 }
 BASELINES = {"nanoGPT model.py, 15 min": 58.2, "Kneser-Ney trigram": 69.0}
 
@@ -39,7 +43,7 @@ def main() -> None:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    figure.savefig(RESULTS / "train_default_v2" / "compare.png", dpi=120)
+    figure.savefig(RESULTS / "train_default_v3" / "compare.png", dpi=120)
 
 
 if __name__ == "__main__":
