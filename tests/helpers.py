@@ -1,5 +1,5 @@
-"""Helpers shared by the training, sampling and distributed tests: a synthetic corpus, the flags
-of a tiny run, and running `python -m ...` in a subprocess."""
+"""Helpers shared by the test modules: a synthetic corpus, the flags of a tiny run, running
+`python -m ...` in a subprocess, and random q/k/v for the attention tests."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from gpt.data import DATA_ENV_VAR
 
@@ -126,3 +127,49 @@ def shakespeare_path() -> Path:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     pytest.fail(f"the Complete Works are needed: set {DATA_ENV_VAR}=/path/to/pg100.txt (Project Gutenberg eBook #100)")
+
+
+# ---------------------------------------------------------------------------------------
+# Attention: random inputs
+# ---------------------------------------------------------------------------------------
+
+
+def make_qkv(
+    batch: int,
+    heads: int,
+    q_len: int,
+    kv_len: int,
+    head_dim: int,
+    *,
+    kv_heads: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    layout: str = "contiguous",
+    scale_inputs: float = 1.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (batch, heads, q_len, head_dim), k and v (batch, kv_heads, kv_len, head_dim), standard
+    normal times scale_inputs (drawn in float32, then cast), in one of several memory layouts.
+
+    contiguous  three separate tensors
+    fused_qkv   slices of one (batch, T, (heads + 2 * kv_heads) * head_dim) projection, as a
+                GPT block makes them: strided views, last-dim stride 1 (needs q_len == kv_len)
+    d_strided   head_dim is not the innermost dimension (last-dim stride != 1)
+    """
+    kv_heads = heads if kv_heads is None else kv_heads
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return (torch.randn(*shape, generator=g) * scale_inputs).to(dtype).to(device)
+
+    if layout == "contiguous":
+        return randn(batch, heads, q_len, head_dim), *(randn(batch, kv_heads, kv_len, head_dim) for _ in "kv")
+    if layout == "fused_qkv":
+        assert q_len == kv_len, "a fused projection makes as many queries as keys"
+        qkv = randn(batch, q_len, (heads + 2 * kv_heads) * head_dim).view(batch, q_len, -1, head_dim)
+        q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)  # each (batch, T, h, head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if layout == "d_strided":
+        q = randn(batch, heads, head_dim, q_len).transpose(2, 3)
+        return q, *(randn(batch, kv_heads, head_dim, kv_len).transpose(2, 3) for _ in "kv")
+    raise ValueError(f"unknown layout {layout!r}")
