@@ -2,6 +2,7 @@
 `python -m ...` in a subprocess, and random q/k/v for the attention tests."""
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -130,7 +131,7 @@ def shakespeare_path() -> Path:
 
 
 # ---------------------------------------------------------------------------------------
-# Attention: random inputs
+# Attention: random inputs, and the dropout mask's definition
 # ---------------------------------------------------------------------------------------
 
 
@@ -173,3 +174,23 @@ def make_qkv(
         q = randn(batch, heads, head_dim, q_len).transpose(2, 3)
         return q, *(randn(batch, kv_heads, head_dim, kv_len).transpose(2, 3) for _ in "kv")
     raise ValueError(f"unknown layout {layout!r}")
+
+
+def dropout_bits_oracle(seed: int, batch: int, head: int, query: int, key: int) -> int:
+    """The 32-bit hash that decides one attention probability's dropout, from the definition in
+    kernels/dropout.py written again with Python integers (not a call into the code under test)."""
+
+    def mix(x: int) -> int:
+        x = (((x >> 16) ^ x) * 0x45D9F3B) % 2**32
+        x = (((x >> 16) ^ x) * 0x45D9F3B) % 2**32
+        return (x >> 16) ^ x
+
+    bits = mix(seed)
+    for index in (batch, head, query, key):
+        bits = mix(bits ^ index)
+    return bits
+
+
+def dropout_kept_oracle(seed: int, batch: int, head: int, query: int, key: int, p: float) -> bool:
+    """Whether that probability survives: dropped when its hash is below a fraction p of 2**32."""
+    return dropout_bits_oracle(seed, batch, head, query, key) >= math.floor(p * 2**32)
