@@ -62,7 +62,7 @@ def check_against_reference(q, k, v, *, causal, scale=None, do=None, triton_fn=N
         got = triton_fn(q, k, v, do)
     exact = attention_and_grads(reference.attention, *(t.double() for t in (q, k, v, do)), causal=causal, scale=scale_f)
     # The same reference in the tested dtype sets how much error that dtype forces.
-    baseline = attention_and_grads(reference.attention, q, k, v, do, causal=causal, scale=scale_f)
+    baseline = attention_and_grads(reference.attention, q, k, v, do, causal=causal, scale=scale_f, upcast=False)
     for name, a, e, b in zip(("out", "dq", "dk", "dv"), got, exact, baseline):
         assert a.dtype == q.dtype and a.device == q.device
         extra = grad_atol(e) if grad_atol is not None and name != "out" else 0.0
