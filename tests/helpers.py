@@ -1,6 +1,8 @@
 """Helpers shared by the test modules: a synthetic corpus, the flags of a tiny run, running
-`python -m ...` in a subprocess, and random q/k/v for the attention tests."""
+`python -m ...` in a subprocess; and for the attention tests, random q/k/v (dense and packed)
+and an independent float64 oracle of every attention feature."""
 
+import itertools
 import json
 import math
 import os
@@ -131,7 +133,7 @@ def shakespeare_path() -> Path:
 
 
 # ---------------------------------------------------------------------------------------
-# Attention: random inputs, and the dropout mask's definition
+# Attention: random inputs and an independent float64 oracle
 # ---------------------------------------------------------------------------------------
 
 
@@ -176,6 +178,30 @@ def make_qkv(
     raise ValueError(f"unknown layout {layout!r}")
 
 
+def make_varlen(
+    seqlens_q: list[int],
+    seqlens_k: list[int],
+    heads: int,
+    head_dim: int,
+    *,
+    kv_heads: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    seed: int = 0,
+) -> tuple[torch.Tensor, ...]:
+    """Packed sequences for kernels.varlen_attention: q (sum(seqlens_q), heads, head_dim), k and v
+    (sum(seqlens_k), kv_heads, head_dim), int32 cu_seqlens_q and cu_seqlens_k, max_seqlen_q, max_seqlen_k."""
+    kv_heads = heads if kv_heads is None else kv_heads
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(seqlens_q), heads, head_dim, generator=g).to(dtype).to(device)
+    k, v = (torch.randn(sum(seqlens_k), kv_heads, head_dim, generator=g).to(dtype).to(device) for _ in "kv")
+
+    def cumulative(lengths):
+        return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+    return q, k, v, cumulative(seqlens_q), cumulative(seqlens_k), max(seqlens_q, default=0), max(seqlens_k, default=0)
+
+
 def dropout_bits_oracle(seed: int, batch: int, head: int, query: int, key: int) -> int:
     """The 32-bit hash that decides one attention probability's dropout, from the definition in
     kernels/dropout.py written again with Python integers (not a call into the code under test)."""
@@ -194,3 +220,61 @@ def dropout_bits_oracle(seed: int, batch: int, head: int, query: int, key: int) 
 def dropout_kept_oracle(seed: int, batch: int, head: int, query: int, key: int, p: float) -> bool:
     """Whether that probability survives: dropped when its hash is below a fraction p of 2**32."""
     return dropout_bits_oracle(seed, batch, head, query, key) >= math.floor(p * 2**32)
+
+
+def attention_oracle(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int = 0,
+    first_batch: int = 0,
+) -> torch.Tensor:
+    """Attention in float64, one (batch, head, query) row at a time, straight from the definitions.
+
+    q (B, Hq, Tq, D), k and v (B, Hkv, Tk, D). For each query: its position, the list of
+    keys it may see (causal: none after it; window: none `window` or more before it), their
+    scores, the softcap, a softmax, dropout decided key by key, the weighted sum. Differentiable
+    (autograd through the loop), so gradients come from it too. Shares no code with kernels/.
+    """
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    q, k, v = q.double(), k.double(), v.double()
+    rows = []
+    for b in range(B):
+        for h in range(Hq):
+            kv_head = h * Hkv // Hq  # = h // (Hq // Hkv)
+            for i in range(Tq):
+                position = i + Tk - Tq
+                keys = [
+                    j for j in range(Tk) if (not causal or j <= position) and (window is None or j > position - window)
+                ]
+                if not keys:  # nothing to attend to: zeros
+                    rows.append(q.new_zeros(v.shape[-1]))
+                    continue
+                scores = torch.stack([scale * torch.dot(q[b, h, i], k[b, kv_head, j]) for j in keys])
+                if softcap is not None:
+                    scores = softcap * torch.tanh(scores / softcap)
+                weights = torch.softmax(scores, dim=0)
+                if dropout_p > 0:
+                    kept = [dropout_kept_oracle(dropout_seed, first_batch + b, h, i, j, dropout_p) for j in keys]
+                    weights = weights * torch.tensor(kept, dtype=torch.float64, device=q.device) / (1 - dropout_p)
+                rows.append(sum(w * v[b, kv_head, j] for w, j in zip(weights, keys)))
+    return torch.stack(rows).view(B, Hq, Tq, v.shape[-1]) if rows else q.new_zeros(B, Hq, Tq, v.shape[-1])
+
+
+def varlen_attention_oracle(q, k, v, cu_seqlens_q, cu_seqlens_k, **options) -> torch.Tensor:
+    """attention_oracle on each packed sequence, sequence s as batch row s; returns (total_q, Hq, D) float64."""
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for s in range(len(starts_q) - 1):
+        q_s = q[starts_q[s] : starts_q[s + 1]].transpose(0, 1)[None]  # (1, Hq, Tq_s, D)
+        k_s, v_s = (t[starts_k[s] : starts_k[s + 1]].transpose(0, 1)[None] for t in (k, v))
+        outs.append(attention_oracle(q_s, k_s, v_s, first_batch=s, **options)[0].transpose(0, 1))
+    return torch.cat(outs) if outs else q.double().new_zeros(q.shape)

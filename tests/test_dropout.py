@@ -1,5 +1,5 @@
 """The seeded attention-dropout mask (kernels/dropout.py): its definition, the same bits from a
-Triton kernel (kernels/triton_dropout.py), and its statistics."""
+Triton kernel (kernels/triton_dropout.py), its statistics, and how the backends use it."""
 
 import os
 import subprocess
@@ -9,8 +9,9 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import REPO, dropout_bits_oracle, dropout_kept_oracle
+from helpers import REPO, dropout_bits_oracle, dropout_kept_oracle, make_qkv, make_varlen
 
+import kernels
 from kernels import dropout, triton_dropout  # without CUDA: switches Triton to its interpreter (warns)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter takes CPU tensors
@@ -123,3 +124,49 @@ def test_seeds_give_different_masks():
     for a in range(len(masks)):
         for b in range(a):
             assert not torch.equal(masks[a], masks[b])
+
+
+# ---------------------------------------------------------------------------------------
+# Dropout through the API
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_seed_fixes_the_output_and_none_follows_torch_manual_seed():
+    q, k, v = make_qkv(2, 2, 6, 6, 8)
+    first = kernels.attention(q, k, v, dropout_p=0.4, dropout_seed=5)
+    assert torch.equal(kernels.attention(q, k, v, dropout_p=0.4, dropout_seed=5), first)
+    assert not torch.equal(kernels.attention(q, k, v, dropout_p=0.4, dropout_seed=6), first)
+    torch.manual_seed(0)
+    drawn = kernels.attention(q, k, v, dropout_p=0.4)
+    again = kernels.attention(q, k, v, dropout_p=0.4)
+    torch.manual_seed(0)
+    assert torch.equal(kernels.attention(q, k, v, dropout_p=0.4), drawn)
+    assert not torch.equal(again, drawn)  # each call draws a new seed
+
+
+def test_the_backward_uses_the_forwards_mask():
+    """gradcheck compares autograd's gradients with finite differences of the forward: it passes
+    only if the backward differentiates the very mask the forward applied."""
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 3, 4, 5, 4, kv_heads=1, dtype=torch.float64))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: kernels.attention(q, k, v, dropout_p=0.5, dropout_seed=11, softcap=2.0, window=3), (q, k, v)
+    )
+
+
+def test_query_heads_sharing_a_kv_head_get_their_own_masks():
+    """Under GQA the mask is indexed by query head: two identical queries of one group drop differently."""
+    q, k, v = make_qkv(1, 2, 6, 6, 8, kv_heads=1)
+    q = q[:, :1].expand(1, 2, 6, 8)  # both query heads ask the same questions of the one kv head
+    out = kernels.attention(q, k, v, dropout_p=0.5, dropout_seed=1, backend="reference")
+    assert not torch.allclose(out[:, 0], out[:, 1])
+    plain = kernels.attention(q, k, v, backend="reference")
+    torch.testing.assert_close(plain[:, 0], plain[:, 1], rtol=0, atol=0)
+
+
+def test_packed_sequence_s_drops_like_batch_row_s():
+    """varlen_attention counts positions from each sequence's start, and sequence s is batch row s."""
+    q, k, v, cq, ck, mq, mk = make_varlen([5, 5, 5], [7, 7, 7], 4, 8, kv_heads=2)
+    packed = kernels.varlen_attention(q, k, v, cq, ck, mq, mk, dropout_p=0.3, dropout_seed=8)
+    batch = [t.view(3, -1, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)]  # 3 sequences as 3 batch rows
+    dense = kernels.attention(*batch, dropout_p=0.3, dropout_seed=8)
+    torch.testing.assert_close(packed, dense.transpose(1, 2).reshape(15, 4, 8), rtol=1e-6, atol=1e-6)
