@@ -273,3 +273,16 @@ def test_triton_plain_call_matches_the_reference():
     expected = kernels.attention(q.double(), k.double(), v.double(), scale=0.3, backend="reference")
     out = kernels.attention(q, k, v, causal=True, scale=0.3, backend="triton")
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors need the interpreter")
+@pytest.mark.parametrize("q_len", [5, 40], ids=["decode-kernel", "forward-kernel"])
+@pytest.mark.parametrize("shape", [(0, 2), (2, 0)], ids=["batch-0", "heads-0"])
+def test_triton_empty_batch_or_heads_gives_an_empty_result(shape, q_len):
+    for grad in (False, True):
+        q, k, v = (torch.randn(*shape, t, 16, requires_grad=grad) for t in (q_len, 50, 50))
+        out = kernels.attention(q, k, v, causal=True, backend="triton")
+        assert out.shape == q.shape
+        if grad:
+            out.sum().backward()
+            assert q.grad.shape == q.shape and k.grad.shape == k.shape
