@@ -640,6 +640,11 @@ def _check_supported(q: torch.Tensor, k: torch.Tensor) -> None:
         )
     if k.shape[2] == 0:
         raise ValueError("triton attention needs kv_len >= 1")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"triton attention needs as many k/v heads as q heads, got {k.shape[1]} and {q.shape[1]}; "
+            "use backend='sdpa' or 'reference' for grouped-query attention"
+        )
 
 
 def _plan_for(q, k, v, causal: bool) -> _Plan:

@@ -221,7 +221,7 @@ def split_plan(kv_len: int, batch_heads: int, block_n: int, programs: int) -> tu
     less than half the aim), and no split is empty.
     """
     num_blocks = triton.cdiv(kv_len, block_n)
-    num_splits = min(max(triton.cdiv(programs, batch_heads), 1), num_blocks)
+    num_splits = min(max(triton.cdiv(programs, max(batch_heads, 1)), 1), num_blocks)  # (0 heads: nothing to run)
     split_size = triton.cdiv(num_blocks, num_splits) * block_n
     return triton.cdiv(kv_len, split_size), split_size
 

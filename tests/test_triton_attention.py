@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from helpers import make_qkv
 from tolerances import assert_close_to_reference, lse_recompute_atol
 
 import kernels
@@ -34,35 +35,6 @@ def default_switches(monkeypatch):
     the environment says: tuning every shape here would take many minutes on a GPU, and
     test_cuda_every_autotune_candidate checks every candidate config instead."""
     monkeypatch.setattr(triton_runtime, "SWITCHES", triton_runtime.Switches())
-
-
-def make_qkv(shape_q, kv_len, dtype, device, layout="contiguous", scale_inputs=1.0, seed=0):
-    """q (B, H, Tq, D), k and v (B, H, kv_len, D), in one of several memory layouts.
-
-    contiguous  three separate (B, H, T, D) tensors
-    fused_qkv   slices of one (B, T, 3 * H * D) projection, as a GPT block makes them:
-                strided, non-contiguous views, each with last-dim stride 1 (needs Tq == Tk)
-    d_strided   head_dim is not the innermost dimension (last-dim stride != 1)
-    """
-    B, H, Tq, D = shape_q
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return (torch.randn(*shape, generator=g, dtype=torch.float32) * scale_inputs).to(dtype).to(device)
-
-    if layout == "contiguous":
-        return randn(B, H, Tq, D), randn(B, H, kv_len, D), randn(B, H, kv_len, D)
-    if layout == "fused_qkv":
-        assert Tq == kv_len
-        qkv = randn(B, Tq, 3 * H * D).view(B, Tq, 3, H, D)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, H, T, D), strides (3HDT, D, 3HD, 1)
-        assert not q.is_contiguous()
-        return q, k, v
-    if layout == "d_strided":
-        q, k, v = (randn(B, H, D, t).transpose(2, 3) for t in (Tq, kv_len, kv_len))
-        assert q.stride(-1) != 1
-        return q, k, v
-    raise ValueError(layout)
 
 
 def attention_and_grads(fn, q, k, v, do, **kwargs):
@@ -90,7 +62,7 @@ def check_against_reference(q, k, v, *, causal, scale=None, do=None, triton_fn=N
         got = triton_fn(q, k, v, do)
     exact = attention_and_grads(reference.attention, *(t.double() for t in (q, k, v, do)), causal=causal, scale=scale_f)
     # The same reference in the tested dtype sets how much error that dtype forces.
-    baseline = attention_and_grads(reference.attention, q, k, v, do, causal=causal, scale=scale_f)
+    baseline = attention_and_grads(reference.attention, q, k, v, do, causal=causal, scale=scale_f, upcast=False)
     for name, a, e, b in zip(("out", "dq", "dk", "dv"), got, exact, baseline):
         assert a.dtype == q.dtype and a.device == q.device
         extra = grad_atol(e) if grad_atol is not None and name != "out" else 0.0
@@ -125,7 +97,7 @@ LENGTHS = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("q_len, kv_len, causal", LENGTHS)
 def test_lengths_float32(device, q_len, kv_len, causal):
-    q, k, v = make_qkv((1, 2, q_len, 32), kv_len, torch.float32, device)
+    q, k, v = make_qkv(1, 2, q_len, kv_len, 32, dtype=torch.float32, device=device)
     check_against_reference(q, k, v, causal=causal)
 
 
@@ -137,14 +109,14 @@ def test_causal_offsets(device, offset):
     Off-by-one errors in the loop bounds only show when the diagonal lands just beside a
     block edge, so the offsets cover residues -2, -1, 0, 1, 2 modulo 16 and 32.
     """
-    q, k, v = make_qkv((1, 1, 40, 16), 40 + offset, torch.float32, device, seed=offset)
+    q, k, v = make_qkv(1, 1, 40, 40 + offset, 16, dtype=torch.float32, device=device, seed=offset)
     check_against_reference(q, k, v, causal=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch, heads", [(2, 3), (2, 1)])
 def test_batch_and_heads(device, batch, heads):
-    q, k, v = make_qkv((batch, heads, 40, 16), 40, torch.float32, device, seed=batch * 10 + heads)
+    q, k, v = make_qkv(batch, heads, 40, 40, 16, dtype=torch.float32, device=device, seed=batch * 10 + heads)
     check_against_reference(q, k, v, causal=True)
 
 
@@ -152,13 +124,13 @@ def test_batch_and_heads(device, batch, heads):
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 128])
 @pytest.mark.parametrize("causal", [True, False])
 def test_head_dims_float16(device, head_dim, causal):
-    q, k, v = make_qkv((1, 1, 70, head_dim), 70, torch.float16, device)
+    q, k, v = make_qkv(1, 1, 70, 70, head_dim, dtype=torch.float16, device=device)
     check_against_reference(q, k, v, causal=causal)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_head_dim_256(device):
-    q, k, v = make_qkv((1, 1, 40, 256), 40, torch.bfloat16, device)
+    q, k, v = make_qkv(1, 1, 40, 40, 256, dtype=torch.bfloat16, device=device)
     check_against_reference(q, k, v, causal=True)
 
 
@@ -166,7 +138,7 @@ def test_head_dim_256(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("q_len, kv_len, causal", [(100, 100, True), (17, 64, True), (64, 17, False)])
 def test_dtypes(device, dtype, q_len, kv_len, causal):
-    q, k, v = make_qkv((1, 2, q_len, 64), kv_len, dtype, device)
+    q, k, v = make_qkv(1, 2, q_len, kv_len, 64, dtype=dtype, device=device)
     check_against_reference(q, k, v, causal=causal)
 
 
@@ -174,14 +146,14 @@ def test_dtypes(device, dtype, q_len, kv_len, causal):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["fused_qkv", "d_strided"])
 def test_non_contiguous_inputs(device, dtype, layout):
-    q, k, v = make_qkv((2, 2, 50, 32), 50, dtype, device, layout=layout)
+    q, k, v = make_qkv(2, 2, 50, 50, 32, dtype=dtype, device=device, layout=layout)
     check_against_reference(q, k, v, causal=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_output_gradient(device):
     """dO from autograd can have any strides (here: expanded, stride 0 along the sequence)."""
-    q, k, v = make_qkv((1, 2, 33, 16), 33, torch.float32, device)
+    q, k, v = make_qkv(1, 2, 33, 33, 16, dtype=torch.float32, device=device)
     do = torch.randn(1, 2, 1, 16).to(device).expand(1, 2, 33, 16)
     check_against_reference(q, k, v, causal=True, do=do)
 
@@ -189,7 +161,7 @@ def test_non_contiguous_output_gradient(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scale, causal", [(0.05, True), (1.0, False)])
 def test_custom_scale(device, scale, causal):
-    q, k, v = make_qkv((1, 2, 45, 32), 45, torch.float32, device)
+    q, k, v = make_qkv(1, 2, 45, 45, 32, dtype=torch.float32, device=device)
     check_against_reference(q, k, v, causal=causal, scale=scale)
 
 
@@ -229,7 +201,7 @@ def blocks(m, n):
 )
 @pytest.mark.parametrize("q_len, kv_len, causal", [(50, 80, True), (83, 50, False)])
 def test_block_shapes(device, fwd, dkdv, dq, q_len, kv_len, causal):
-    q, k, v = make_qkv((1, 1, q_len, 16), kv_len, torch.float32, device)
+    q, k, v = make_qkv(1, 1, q_len, kv_len, 16, dtype=torch.float32, device=device)
     check_against_reference(q, k, v, causal=causal, scale=0.2, triton_fn=with_configs(fwd, dkdv, dq, causal, 0.2))
 
 
@@ -237,7 +209,7 @@ def test_block_shapes(device, fwd, dkdv, dq, q_len, kv_len, causal):
 @pytest.mark.parametrize("causal", [True, False])
 def test_log_sum_exp(device, causal):
     """The saved LSE is the logsumexp of the scaled (masked) scores, in base 2."""
-    q, k, v = make_qkv((1, 2, 37, 32), 53, torch.float32, device)
+    q, k, v = make_qkv(1, 2, 37, 53, 32, dtype=torch.float32, device=device)
     _, lse2 = torch.ops.gpt_kernels.flash_attn_fwd(q, k, v, causal, 0.3)
     scores = (q.double() @ k.double().transpose(-2, -1)) * 0.3
     if causal:
@@ -257,7 +229,7 @@ def test_log_sum_exp(device, causal):
 def test_nan_filled_buffers_are_overwritten(device, q_len, kv_len, causal, monkeypatch):
     """With Switches.nan_fill every output buffer starts as NaN: a skipped tile shows."""
     monkeypatch.setattr(triton_runtime, "SWITCHES", triton_runtime.Switches(nan_fill=True))
-    q, k, v = make_qkv((2, 1, q_len, 16), kv_len, torch.float16, device)
+    q, k, v = make_qkv(2, 1, q_len, kv_len, 16, dtype=torch.float16, device=device)
     assert triton_attention._plan_for(q, k, v, causal).switches.nan_fill  # the switch reaches the launchers
     assert triton_attention._empty((2,), torch.float32, device, nan_fill=True).isnan().all()
     for name, t in zip(("out", "dq", "dk", "dv"), check_against_reference(q, k, v, causal=causal)):
@@ -266,7 +238,7 @@ def test_nan_filled_buffers_are_overwritten(device, q_len, kv_len, causal, monke
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_is_deterministic(device):
-    q, k, v = make_qkv((1, 2, 77, 32), 77, torch.bfloat16, device)
+    q, k, v = make_qkv(1, 2, 77, 77, 32, dtype=torch.bfloat16, device=device)
     do = torch.randn(q.shape).to(q.dtype).to(device)
     first = attention_and_grads(kernels.attention, q, k, v, do, causal=True, backend="triton")
     second = attention_and_grads(kernels.attention, q, k, v, do, causal=True, backend="triton")
@@ -281,7 +253,7 @@ def test_large_logits(device, causal):
 
     The gradients get the documented allowance for rebuilding P from a float32 LSE.
     """
-    q, k, v = make_qkv((1, 2, 40, 16), 40, torch.float32, device, scale_inputs=50.0, seed=2)
+    q, k, v = make_qkv(1, 2, 40, 40, 16, dtype=torch.float32, device=device, scale_inputs=50.0, seed=2)
     v = v / 50.0
     max_score = float(((q @ k.transpose(-2, -1)) * 16**-0.5).abs().max())
     assert max_score > 5e3
@@ -293,7 +265,7 @@ def test_large_logits(device, causal):
 @pytest.mark.parametrize("device", DEVICES)
 def test_first_query_sees_only_first_key(device):
     """Causal with Tq == Tk: row 0 has one allowed key, so its output is v[0] and its dq is 0."""
-    q, k, v = make_qkv((1, 2, 20, 16), 20, torch.float32, device)
+    q, k, v = make_qkv(1, 2, 20, 20, 16, dtype=torch.float32, device=device)
     out, dq, dk, dv = check_against_reference(q, k, v, causal=True)
     torch.testing.assert_close(out[:, :, 0], v[:, :, 0], rtol=0, atol=1e-6)
     torch.testing.assert_close(dq[:, :, 0], torch.zeros_like(dq[:, :, 0]), rtol=0, atol=1e-6)
@@ -303,7 +275,7 @@ def test_first_query_sees_only_first_key(device):
 @pytest.mark.parametrize("causal", [True, False])
 def test_all_equal_scores(device, causal):
     """q = 0 makes every score equal: each output row is the mean of the values it sees."""
-    _, k, v = make_qkv((1, 1, 35, 32), 35, torch.float32, device)
+    _, k, v = make_qkv(1, 1, 35, 35, 32, dtype=torch.float32, device=device)
     q = torch.zeros_like(k)
     out, *_ = check_against_reference(q, k, v, causal=causal)
     counts = torch.arange(1, 36, device=device, dtype=torch.float32)[:, None]
@@ -337,7 +309,7 @@ def test_unsupported_dtype_is_rejected():
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch agree."""
-    q, k, v = (t.requires_grad_() for t in make_qkv((1, 1, 17, 16), 17, torch.float32, device))
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 1, 17, 17, 16, dtype=torch.float32, device=device))
     torch.library.opcheck(torch.ops.gpt_kernels.flash_attn_fwd, (q, k, v, True, 0.25))
     out, lse = torch.ops.gpt_kernels.flash_attn_fwd(q, k, v, True, 0.25)
     do = torch.randn_like(out)
@@ -376,7 +348,7 @@ def test_eager_and_compiled_paths_agree_exactly(device):
     """Eager calls take the autograd.Function, traced ones the custom ops: same launchers,
     same configs, so the same bits in the output and all three gradients."""
     torch._dynamo.reset()
-    q, k, v = make_qkv((1, 2, 33, 16), 40, torch.float32, device)
+    q, k, v = make_qkv(1, 2, 33, 40, 16, dtype=torch.float32, device=device)
     do = torch.randn(q.shape).to(device)
 
     def attend(q, k, v):
@@ -391,7 +363,7 @@ def test_eager_and_compiled_paths_agree_exactly(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_eager_call_skips_the_custom_op_and_checks_once(device, monkeypatch):
     """The eager path goes straight to the launchers, and checks a signature only once."""
-    q, k, v = (t.requires_grad_() for t in make_qkv((1, 1, 19, 16), 19, torch.float32, device))
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 1, 19, 19, 16, dtype=torch.float32, device=device))
     checked = []
     monkeypatch.setattr(triton_attention, "check_attention_inputs", lambda *args: checked.append(args))
     monkeypatch.setattr(triton_attention, "_PLANS", {})
@@ -434,20 +406,20 @@ def test_interpreter_works_when_triton_was_imported_first():
 @pytest.mark.parametrize("head_dim", [128, 256])
 @pytest.mark.parametrize("causal", [True, False])
 def test_cuda_long_sequence_bfloat16(head_dim, causal):
-    q, k, v = make_qkv((1, 2, 4096, head_dim), 4096, torch.bfloat16, "cuda")
+    q, k, v = make_qkv(1, 2, 4096, 4096, head_dim, dtype=torch.bfloat16, device="cuda")
     check_against_reference(q, k, v, causal=causal)
 
 
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cuda_training_shape_fused_qkv(dtype):
-    q, k, v = make_qkv((4, 12, 1024, 64), 1024, dtype, "cuda", layout="fused_qkv")
+    q, k, v = make_qkv(4, 12, 1024, 1024, 64, dtype=dtype, device="cuda", layout="fused_qkv")
     check_against_reference(q, k, v, causal=True)
 
 
 @cuda_only
 def test_cuda_decoding_long_cache():
-    q, k, v = make_qkv((2, 8, 1, 128), 3001, torch.bfloat16, "cuda")
+    q, k, v = make_qkv(2, 8, 1, 3001, 128, dtype=torch.bfloat16, device="cuda")
     check_against_reference(q, k, v, causal=True)
 
 
@@ -455,7 +427,7 @@ def test_cuda_decoding_long_cache():
 @pytest.mark.parametrize("head_dim, causal, q_len, kv_len", [(64, True, 300, 300), (128, False, 200, 333)])
 def test_cuda_every_autotune_candidate(head_dim, causal, q_len, kv_len):
     """Whatever config the autotuner picks must be correct: run each candidate (ragged lengths)."""
-    q, k, v = make_qkv((1, 2, q_len, head_dim), kv_len, torch.bfloat16, "cuda")
+    q, k, v = make_qkv(1, 2, q_len, kv_len, head_dim, dtype=torch.bfloat16, device="cuda")
     arch = triton_configs.arch_of(torch.cuda.get_device_capability())
     fwd, dkdv, dq = (
         triton_configs.candidates(arch, kernel, "16-bit", causal, triton_configs.length_class(q_len), head_dim)

@@ -10,6 +10,7 @@ combine step is exercised; tests that depend on that assert the split count.
 
 import pytest
 import torch
+from helpers import make_qkv
 from tolerances import assert_close_to_reference
 
 from kernels import reference, triton_decode
@@ -22,22 +23,13 @@ cuda_only = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 DEVICES = [pytest.param("cpu", marks=interpreter_only), pytest.param("cuda", marks=cuda_only)]
 
 
-def random_qkv(q_len, kv_len, dtype, device, batch=1, heads=2, head_dim=32, seed=0, scale_inputs=1.0):
-    """q (B, H, q_len, D) and k, v (B, H, kv_len, D), contiguous, standard normal * scale_inputs."""
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(batch, heads, t, head_dim, generator=g) * scale_inputs).to(dtype).to(device)
-        for t in (q_len, kv_len, kv_len)
-    ]
-
-
 def check_decode(q, k, v, *, causal, scale=None, run=decode_attention):
     """run(q, k, v, causal=, scale=) against float64; returns its output."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out = run(q, k, v, causal=causal, scale=scale)
     assert out.dtype == q.dtype and out.device == q.device
     exact = reference.attention(q.double(), k.double(), v.double(), causal=causal, scale=scale)
-    baseline = reference.attention(q, k, v, causal=causal, scale=scale)  # the error q's dtype forces
+    baseline = reference.attention(q, k, v, causal=causal, scale=scale, upcast=False)  # the error q's dtype forces
     assert_close_to_reference("out", out, exact, baseline)
     return out
 
@@ -72,7 +64,7 @@ def test_split_plan_covers_the_cache_without_empty_splits(kv_len, batch_heads, p
 @pytest.mark.parametrize("kv_len, splits", [(1, 1), (17, 2), (300, 4), (1000, 4)])
 def test_interpreter_caches_span_several_splits(kv_len, splits):
     """The plan the tests below run under: 4 splits for 2 heads once the cache is long."""
-    q, k, _ = random_qkv(1, kv_len, torch.float32, "cpu")
+    q, k, _ = make_qkv(1, 2, 1, kv_len, 32, dtype=torch.float32, device="cpu")
     assert decode_split_plan(q, k)[0] == splits
 
 
@@ -104,7 +96,7 @@ LENGTHS = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("q_len, kv_len, causal", LENGTHS)
 def test_lengths_float32(device, q_len, kv_len, causal):
-    q, k, v = random_qkv(q_len, kv_len, torch.float32, device)
+    q, k, v = make_qkv(1, 2, q_len, kv_len, 32, dtype=torch.float32, device=device)
     check_decode(q, k, v, causal=causal)
 
 
@@ -112,7 +104,7 @@ def test_lengths_float32(device, q_len, kv_len, causal):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("q_len, kv_len, causal", [(1, 1000, True), (3, 300, True), (16, 17, True), (16, 300, False)])
 def test_16_bit_dtypes(device, dtype, q_len, kv_len, causal):
-    q, k, v = random_qkv(q_len, kv_len, dtype, device, head_dim=64)
+    q, k, v = make_qkv(1, 2, q_len, kv_len, 64, dtype=dtype, device=device)
     check_decode(q, k, v, causal=causal)
 
 
@@ -129,7 +121,7 @@ def test_16_bit_dtypes(device, dtype, q_len, kv_len, causal):
     ],
 )
 def test_head_dims(device, head_dim, dtype):
-    q, k, v = random_qkv(3, 100, dtype, device, heads=1, head_dim=head_dim)
+    q, k, v = make_qkv(1, 1, 3, 100, head_dim, dtype=dtype, device=device)
     check_decode(q, k, v, causal=True)
 
 
@@ -137,7 +129,7 @@ def test_head_dims(device, head_dim, dtype):
 @pytest.mark.parametrize("q_len, kv_len", [(1, 300), (16, 1000)])
 def test_several_splits(device, q_len, kv_len):
     """The combine step: the plan splits these caches, and the result is still exact."""
-    q, k, v = random_qkv(q_len, kv_len, torch.bfloat16, device, batch=2, heads=1)
+    q, k, v = make_qkv(2, 1, q_len, kv_len, 32, dtype=torch.bfloat16, device=device)
     assert decode_split_plan(q, k)[0] > 1
     check_decode(q, k, v, causal=True)
 
@@ -146,7 +138,7 @@ def test_several_splits(device, q_len, kv_len):
 @pytest.mark.parametrize("causal", [True, False])
 def test_one_key_block_per_split(device, causal):
     """As many splits as key blocks (63 under the interpreter): every split boundary is crossed."""
-    q, k, v = random_qkv(3, 1000, torch.float32, device, heads=1)
+    q, k, v = make_qkv(1, 1, 3, 1000, 32, dtype=torch.float32, device=device)
     check_decode(
         q, k, v, causal=causal, run=with_split_size(decode_config(32, torch.float32, torch.device("cpu")).block_n)
     )
@@ -157,7 +149,7 @@ def test_rows_that_see_no_key_of_a_split(device):
     """Causal, 16 queries, one key past a block: the last split holds only that key, which
     only the last query sees. The other 15 rows get lse = -inf there and must ignore it."""
     block_n = decode_config(32, torch.float32, torch.device("cpu")).block_n
-    q, k, v = random_qkv(16, block_n + 1, torch.float32, device)
+    q, k, v = make_qkv(1, 2, 16, block_n + 1, 32, dtype=torch.float32, device=device)
     check_decode(q, k, v, causal=True, run=with_split_size(block_n))
 
 
@@ -166,7 +158,7 @@ def test_rows_that_see_no_key_of_a_split(device):
 def test_large_logits(device, causal):
     """Scores around 1e4 in float32: the splits' lse values differ by thousands, and the
     combine's weights 2^(lse_s - M) must neither overflow nor lose the largest split."""
-    q, k, v = random_qkv(3, 300, torch.float32, device, scale_inputs=50.0, seed=2)
+    q, k, v = make_qkv(1, 2, 3, 300, 32, dtype=torch.float32, device=device, scale_inputs=50.0, seed=2)
     v = v / 50.0
     assert float((q @ k.transpose(-2, -1)).abs().max()) * 32**-0.5 > 5e3
     check_decode(q, k, v, causal=causal)
@@ -175,7 +167,7 @@ def test_large_logits(device, causal):
 @pytest.mark.parametrize("device", DEVICES)
 def test_all_equal_scores(device):
     """q = 0 makes every score equal: query i's output is the mean of the values it sees."""
-    q, k, v = random_qkv(16, 300, torch.float32, device, heads=1)
+    q, k, v = make_qkv(1, 1, 16, 300, 32, dtype=torch.float32, device=device)
     q = torch.zeros_like(q)
     out = decode_attention(q, k, v, causal=True, scale=1.0)
     seen = torch.arange(300 - 16 + 1, 300 + 1, device=device, dtype=torch.float32)[:, None]  # keys row i sees
@@ -205,7 +197,7 @@ def test_strided_views(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_bit_deterministic(device):
-    q, k, v = random_qkv(16, 1000, torch.bfloat16, device, batch=2, heads=3)
+    q, k, v = make_qkv(2, 3, 16, 1000, 32, dtype=torch.bfloat16, device=device)
     assert decode_split_plan(q, k)[0] > 1
     first = check_decode(q, k, v, causal=True, scale=0.2)
     second = decode_attention(q, k, v, causal=True, scale=0.2)
@@ -213,7 +205,7 @@ def test_bit_deterministic(device):
 
 
 def test_long_queries_are_rejected():
-    q, k, v = random_qkv(17, 40, torch.float32, "cpu")
+    q, k, v = make_qkv(1, 2, 17, 40, 32, dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match="q_len <= 16, got 17"):
         decode_attention(q, k, v, causal=True, scale=0.2)
 
@@ -228,7 +220,7 @@ def test_long_queries_are_rejected():
 @pytest.mark.parametrize("kv_len", [4096, 8191])
 @pytest.mark.parametrize("q_len", [1, 16])
 def test_cuda_long_cache_bfloat16(head_dim, kv_len, q_len):
-    q, k, v = random_qkv(q_len, kv_len, torch.bfloat16, "cuda", batch=2, heads=8, head_dim=head_dim)
+    q, k, v = make_qkv(2, 8, q_len, kv_len, head_dim, dtype=torch.bfloat16, device="cuda")
     assert decode_split_plan(q, k)[0] > 1
     check_decode(q, k, v, causal=True)
 
@@ -238,7 +230,7 @@ def test_cuda_growing_cache_compiles_nothing_new():
     """After the first call, new cache lengths and query lengths reuse the same binaries."""
     import triton
 
-    q, k, v = random_qkv(1, 100, torch.bfloat16, "cuda", heads=8, head_dim=64)
+    q, k, v = make_qkv(1, 8, 1, 100, 64, dtype=torch.bfloat16, device="cuda")
     decode_attention(q, k, v, causal=True, scale=0.125)
     compiled = []
 
@@ -249,7 +241,7 @@ def test_cuda_growing_cache_compiles_nothing_new():
     try:
         for kv_len in range(101, 140):
             for q_len in (1, 3, 16):
-                q, k, v = random_qkv(q_len, kv_len, torch.bfloat16, "cuda", heads=8, head_dim=64)
+                q, k, v = make_qkv(1, 8, q_len, kv_len, 64, dtype=torch.bfloat16, device="cuda")
                 decode_attention(q, k, v, causal=True, scale=0.125)
     finally:
         triton.knobs.runtime.jit_cache_hook = None
