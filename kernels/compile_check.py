@@ -432,7 +432,10 @@ def problems(row: Row, result: dict) -> list[str]:
 
 
 def describe(calls: list[Call], row: Row) -> str:
-    """Which of a row's calls one program serves, in the terms that tell the row's programs apart."""
+    """Which of a row's calls `calls` are (those of one or more of its programs), in the terms
+    that tell the row's programs apart; "all" if they are all of them."""
+    if set(calls) == {call for cs in row.programs.values() for call in cs}:
+        return "all"
     parts = []
     for field, show in (("causal", lambda value: "causal" if value else "full"), ("layout", str), ("length", str)):
 
@@ -474,15 +477,19 @@ def check(rows: list[Row], jobs: int, out=sys.stdout) -> list[str]:
     for row in rows:
         if not row.programs:
             print(f"{row.label()} unused: more specific rows take every call", file=out)
-        row_problems = []
+        concerns: dict[str, list[Call]] = {}  # each problem: the calls whose programs have it
         for launch, calls in row.programs.items():
             result = results[row.arch, launch]
             found = problems(row, result)
             print(line(row, calls, result, found), file=out, flush=True)
-            which = describe(calls, row)
-            row_problems += [p if which == "all" else f"{p} [{which}]" for p in found]
-        if row_problems:
-            failures.append(f"{' '.join(row.label().split())}: {'; '.join(dict.fromkeys(row_problems))}")
+            for problem in found:
+                concerns.setdefault(problem, []).extend(calls)
+        if concerns:
+            reasons = []
+            for problem, calls in concerns.items():
+                which = describe(calls, row)
+                reasons.append(problem if which == "all" else f"{problem} [{which}]")
+            failures.append(f"{' '.join(row.label().split())}: {'; '.join(reasons)}")
     return failures
 
 
