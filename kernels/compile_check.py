@@ -9,7 +9,7 @@ tensor is 1, and with it the loads vectorize and pipeline into asynchronous copi
 pointers and integers divisible by 16 are marked so. A signature written by hand compiles
 another program, with other registers and shared memory. So nothing here declares a
 signature: the launch code itself (kernels/triton_attention.py, kernels/triton_decode.py)
-runs with a row's config on meta tensors shaped like the model's calls (CALLS below), each
+runs with a row's config on meta tensors shaped like the model's calls (`inputs`), each
 of its launches goes through Triton's own JITFunction.run with a stand-in driver that
 names the target GPU, and knobs.runtime.jit_cache_hook records the specialization the JIT
 would compile (signature, constants, attributes, options) and stops the launch there.
@@ -26,6 +26,10 @@ What it checks, for every row and every program its calls compile to:
 It exits 1 with one line per failing row when a row spills more than SPILL_LIMIT, needs
 more shared memory than its architecture has (SHARED_MEMORY), lacks an instruction NEEDS
 asks for, or does not compile.
+
+A new kernel adds a KERNELS line (which launch code runs it); a new variant of one adds a
+NEEDS line (what its code must contain). Arguments and constexprs the kernels gain need
+nothing here: they come from the launch code.
 
 No GPU is needed: Triton ships ptxas. Works with Triton 3.6 and 3.9 (the JIT internals it
 uses are named in _require_triton_jit).
