@@ -76,7 +76,10 @@ def _rows(**by_head_dim) -> dict[int, LaunchConfig]:
 
 # (kernel, dtype class, causal, length class) -> {head_dim: (BLOCK_M, BLOCK_N, num_warps, num_stages)}
 # Where the tutorial's config spilled registers in `kernels.compile_check` (head dims 64 and up),
-# the row takes 8 warps or smaller tiles instead.
+# the row takes 8 warps or smaller tiles instead. Compiled as a launch specializes them (head-dim
+# stride 1: pipelined loads), no 16-bit row of sm90, sm80 or generic spills, all fit, and every
+# sm90 one has wgmma (dK/dV at head dim 256, 32-key tiles: mma.sync) and cp.async; the forward at
+# head dim 128 on 4 warps instead of 8 spills 412 bytes.
 _HOPPER = {
     ("fwd", "16-bit", ANY, ANY): _rows(
         d16=(128, 64, 4, 3), d32=(128, 64, 4, 3), d64=(128, 64, 4, 3), d128=(128, 64, 8, 3), d256=(64, 32, 8, 2)
@@ -111,9 +114,10 @@ _GENERIC = {  # the Ampere rows cut down to 99 KiB of shared memory
 _EVERY_GPU = {
     # The split-KV decode kernel: all q_len <= 16 query rows in one 16-row tile; it streams K
     # and V once (memory bound), so key blocks as wide as keep the pipeline in shared memory.
-    # Head dims 128 and 256 on 4 warps spill hundreds of bytes (kernels.compile_check): 8 warps.
+    # Head dims 128 and 256 on 4 warps spilled hundreds of bytes (kernels.compile_check): 8 warps.
+    # Head dim 16 pipelines 2 stages deep: with 3, sm_90's compile spills 12 bytes (not causal).
     ("decode", "16-bit", ANY, ANY): _rows(
-        d16=(16, 64, 4, 3), d32=(16, 64, 4, 3), d64=(16, 64, 4, 3), d128=(16, 64, 8, 2), d256=(16, 32, 8, 2)
+        d16=(16, 64, 4, 2), d32=(16, 64, 4, 3), d64=(16, 64, 4, 3), d128=(16, 64, 8, 2), d256=(16, 32, 8, 2)
     ),
     ("decode", "float32", ANY, ANY): _rows(
         d16=(16, 64, 4, 3), d32=(16, 64, 4, 3), d64=(16, 32, 4, 3), d128=(16, 32, 8, 2), d256=(16, 16, 4, 2)
@@ -124,18 +128,22 @@ _EVERY_GPU = {
         d16=(16, 64, 4, 2), d32=(16, 64, 4, 2), d64=(16, 64, 4, 2), d128=(16, 64, 4, 2), d256=(16, 32, 8, 2)
     ),
     ("fwd", "float32", ANY, "decode"): _rows(
-        d16=(16, 32, 4, 2), d32=(16, 32, 4, 2), d64=(16, 64, 4, 2), d128=(16, 16, 4, 2), d256=(16, 16, 4, 2)
+        d16=(16, 32, 4, 2), d32=(16, 32, 4, 2), d64=(16, 64, 4, 2), d128=(16, 16, 4, 3), d256=(16, 16, 4, 2)
     ),
     # float32 multiplies at full IEEE precision, without tensor cores: its tiles live in
     # registers, so they are small (larger ones spill heavily), and fit 99 KiB everywhere.
+    # Compiled as a launch specializes them, these spilled 4 to 32 bytes (sm_90 unless said) and
+    # changed: forward d32 3 -> 2 stages, d64 4 -> 8 warps, d128 2 -> 3 stages (decoding's row
+    # too); dK/dV d16 4 -> 8 warps, d32 (32, 64, 8, 2) -> (16, 64, 4, 3), d64 and d128 2 -> 3
+    # stages; dQ d16 (sm_80) and d64 (sm_86) 2 -> 3 stages.
     ("fwd", "float32", ANY, ANY): _rows(
-        d16=(64, 32, 4, 3), d32=(64, 32, 4, 3), d64=(32, 32, 4, 2), d128=(16, 16, 4, 2), d256=(16, 16, 4, 2)
+        d16=(64, 32, 4, 3), d32=(64, 32, 4, 2), d64=(32, 32, 8, 2), d128=(16, 16, 4, 3), d256=(16, 16, 4, 2)
     ),
     ("dkdv", "float32", ANY, ANY): _rows(
-        d16=(32, 64, 4, 3), d32=(32, 64, 8, 2), d64=(16, 32, 4, 2), d128=(16, 16, 4, 2), d256=(16, 16, 8, 2)
+        d16=(32, 64, 8, 3), d32=(16, 64, 4, 3), d64=(16, 32, 4, 3), d128=(16, 16, 4, 3), d256=(16, 16, 8, 2)
     ),
     ("dq", "float32", ANY, ANY): _rows(
-        d16=(64, 32, 8, 2), d32=(64, 32, 8, 2), d64=(64, 32, 8, 2), d128=(16, 16, 4, 2), d256=(16, 16, 4, 2)
+        d16=(64, 32, 8, 3), d32=(64, 32, 8, 2), d64=(64, 32, 8, 3), d128=(16, 16, 4, 2), d256=(16, 16, 4, 2)
     ),
 }
 TABLE = {

@@ -252,17 +252,115 @@ def test_autotuning_times_each_kernel_on_its_own_and_stays_exact(monkeypatch, tm
         torch.testing.assert_close(got.grad.double(), want.grad, rtol=0, atol=1e-5)
 
 
-def test_compile_check_compiles_a_config_for_sm90():
-    """kernels.compile_check compiles for an H100 without one (Triton ships ptxas): one small config."""
+# ---------------------------------------------------------------------------------------
+# The ahead-of-time compile check (kernels/compile_check.py), in subprocesses: it compiles
+# for real GPUs (TRITON_INTERPRET=0), which this test process, interpreting, cannot
+# ---------------------------------------------------------------------------------------
+
+
+def run_compiled_mode(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+
+
+# Records the forward's launches for three inputs: the two layouts the model makes, and one
+# with a head-dim stride of 2 (q) and a key pointer 2 bytes past a 16-byte boundary (k). For
+# each launch, prints what compile_check recorded next to what Triton's rules give for the
+# very arguments the launch code passed (seen by a pre-run hook of the JIT kernel).
+SPECIALIZATION_CODE = """
+import json, torch
+from triton.runtime.jit import mangle_type
+from kernels import compile_check as cc, triton_attention as ta
+from kernels.triton_configs import LaunchConfig
+
+kernel, seen = ta._attn_fwd, []
+kernel.add_pre_run_hook(lambda *args, **kwargs: seen.append((args, kwargs)))
+x = {layout: cc.inputs(cc.Call(layout, True, "short"), torch.bfloat16, 64) for layout in cc.LAYOUTS}
+x["strided"] = cc.inputs(cc.Call("contiguous", True, "short"), torch.bfloat16, 64)
+x["strided"].q = torch.empty(2, 4, 1024, 128, dtype=torch.bfloat16, device="meta")[..., ::2]
+x["strided"].k = torch.empty(2 * 4 * 1024 * 64 + 1, dtype=torch.bfloat16, device="meta")[1:].view(2, 4, 1024, 64)
+found = {}
+for name, inputs in x.items():
+    launch, = cc.record_launches("sm90", lambda: cc._run_forward(inputs, LaunchConfig(64, 32, 4, 2)))
+    args, kwargs = seen.pop()
+    bound = kernel.signature.bind(*args, **{k: v for k, v in kwargs.items() if k in kernel.signature.parameters})
+    expected, divisible = {}, set()
+    for p in kernel.params:
+        value = bound.arguments[p.name]
+        specialize = not p.do_not_specialize
+        expected[p.name] = "constexpr" if p.is_constexpr else mangle_type(value, specialize)
+        if isinstance(value, torch.Tensor) and value.data_ptr() % 16 == 0:
+            divisible.add(p.name)
+        if type(value) is int and specialize and not p.is_constexpr and value != 1 and value % 16 == 0:
+            divisible.add(p.name)
+    found[name] = dict(
+        signature=launch.signature, expected=expected, constants=launch.constants,
+        divisible=sorted(launch.divisible_by_16), expected_divisible=sorted(divisible),
+    )
+print(json.dumps(found))
+"""
+
+
+def test_compile_check_specializes_as_a_launch_does():
+    """compile_check compiles the signature Triton's launcher makes of the launch code's own
+    arguments: head-dim strides of 1 become constants, other integers stay ints (divisible by
+    16 when they are, the unspecialized lengths never), pointers are 16-aligned where they are."""
+    result = run_compiled_mode(SPECIALIZATION_CODE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, launch in found.items():
+        assert launch["signature"] == launch["expected"], name
+        assert launch["divisible"] == launch["expected_divisible"], name
+        assert launch["signature"]["N_Q"] == launch["signature"]["N_K"] == "i32"  # do_not_specialize
+        assert not {"N_Q", "N_K", "H"} & set(launch["divisible"])  # lengths unspecialized; 4 heads
+        assert launch["signature"]["stride_qm"] == "i32" and "stride_qm" in launch["divisible"]
+    for name in ("fused QKV", "contiguous"):
+        signature, constants = found[name]["signature"], found[name]["constants"]
+        for stride in ("stride_qd", "stride_kd", "stride_vd", "stride_od"):
+            assert signature[stride] == "constexpr" and constants[stride] == 1, (name, stride)
+        assert {"Q", "K", "V", "Out", "Lse"} <= set(found[name]["divisible"])
+    strided = found["strided"]
+    assert strided["signature"]["stride_qd"] == "i32" and strided["signature"]["stride_kd"] == "constexpr"
+    assert "Q" in strided["divisible"] and "K" not in strided["divisible"]
+
+
+def test_compile_check_finds_wgmma_and_async_copies_on_sm90():
+    """A small 16-bit forward compiled for an H100 without one: Hopper's wgmma, the pipelined
+    loads' asynchronous copies (num_stages 2), no spill, and no TMA (the pointer path)."""
     code = (
         "import json, torch\n"
-        "from kernels import compile_check\n"
+        "from kernels import compile_check as cc\n"
         "from kernels.triton_configs import LaunchConfig\n"
-        "print(json.dumps(compile_check.compile_one('sm90', 'fwd', torch.bfloat16, 16, LaunchConfig(64, 32, 4, 2))))\n"
+        "x = cc.inputs(cc.Call('fused QKV', True, 'short'), torch.bfloat16, 32)\n"
+        "launch, = cc.record_launches('sm90', lambda: cc._run_forward(x, LaunchConfig(64, 32, 4, 2)))\n"
+        "print(json.dumps(cc.compile_launch('sm90', launch)))\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    result = run_compiled_mode(code)
     assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])  # {"regs": ..., "spill": ..., "smem": ...}
+    found = json.loads(result.stdout.strip().splitlines()[-1])
     assert 0 < found["regs"] <= 255 and found["spill"] == 0
     assert 0 < found["smem"] <= triton_configs.SHARED_MEMORY["sm90"]
+    assert found["wgmma"] > 0 and found["cp.async"] > 0 and found["tma"] == 0
+
+
+def test_compile_check_fails_rows_that_spill_or_do_not_fit():
+    """Exit code 1 and one line per failing row: a forward that spills (4 warps at head dim
+    128 with 128x64 tiles) and a decode row whose 6-stage pipeline of 128-key blocks needs
+    more than the H100's 227 KiB of shared memory."""
+    code = (
+        "import sys\n"
+        "from kernels import compile_check as cc, triton_configs as tc\n"
+        "from kernels.triton_configs import LaunchConfig\n"
+        "tc.TABLE['sm90'] = {\n"
+        "    ('fwd', '16-bit', True, tc.ANY): {128: LaunchConfig(128, 64, 4, 3)},\n"
+        "    ('decode', '16-bit', tc.ANY, tc.ANY): {256: LaunchConfig(16, 128, 4, 6)},\n"
+        "}\n"
+        "sys.exit(cc.main(['--arch', 'sm90', '--jobs', '2']))\n"
+    )
+    result = run_compiled_mode(code)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    failed = result.stdout.split("row(s) failed:")[-1].strip().splitlines()
+    assert len(failed) == 2, result.stdout
+    assert failed[0].startswith("sm90 fwd 16-bit True any 128 (128, 64, 4, 3): spills ")
+    assert failed[1].startswith("sm90 decode 16-bit any any 256 (16, 128, 4, 6): ")
+    assert "KiB shared memory, sm90 has 227 KiB" in failed[1]
