@@ -15,6 +15,8 @@ import sys
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from helpers import make_qkv
 from tolerances import assert_close_to_reference, lse_recompute_atol
 
@@ -380,6 +382,26 @@ def test_direct_calls_get_the_shared_checks():
         triton_attention.attention(q, q.half(), q.half(), causal=True, scale=0.25)
     with pytest.raises(ValueError, match="q must be a torch.Tensor"):
         triton_attention.attention(1.0, q, q, causal=True, scale=0.25)
+
+
+@triton.jit
+def _to_bfloat16(X, Y, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(Y + offs, tl.load(X + offs).to(tl.bfloat16))
+
+
+@interpreter_only
+def test_interpreter_rounds_bfloat16_casts_to_nearest_even():
+    """float32 -> bfloat16 in a kernel rounds to nearest even, as a GPU's cvt.rn does (Triton's
+    interpreter truncates unless kernels.triton_runtime fixes that): bfloat16 results under the
+    interpreter then carry a GPU's error, not twice it. Ties and NaN included."""
+    x = torch.cat([torch.randn(1000), torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), float("nan")])])
+    y = torch.empty(1024, dtype=torch.bfloat16)
+    _to_bfloat16[(1,)](torch.nn.functional.pad(x, (0, 20)), y, N=1024)
+    expected = x.to(torch.bfloat16)
+    assert torch.equal(y[:1000], expected[:1000]) and torch.equal(y[1000:1003], expected[1000:1003])
+    assert y[1003].isnan()
+    assert not torch.equal(y[:1000], x[:1000].view(torch.int32).bitwise_and(-65536).view(torch.float32).bfloat16())
 
 
 @pytest.mark.skipif(CUDA, reason="the interpreter is only switched on automatically without CUDA")
