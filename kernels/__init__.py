@@ -12,8 +12,8 @@ same options: causal, scale, window, softcap, dropout_p and dropout_seed (see at
 Backends:
     reference  plain PyTorch, every feature (runs anywhere, O(T^2) memory): the ground truth
     sdpa       torch.nn.functional.scaled_dot_product_attention: all but softcap and dropout
-    triton     our fused FlashAttention-2-style kernel (interpreted, slowly, without CUDA):
-               plain attention (one kv head per query head, no window, softcap or dropout)
+    triton     our fused FlashAttention-2-style kernels (interpreted, slowly, without CUDA):
+               every feature, head dims that are multiples of 8 up to 256
     auto       the first backend that can serve the call, in the order triton, sdpa,
                reference on CUDA, and sdpa, reference elsewhere (sdpa: same math as
                reference, several times faster on a CPU)
@@ -39,7 +39,7 @@ BACKEND_CHOICES = (*BACKENDS, "auto")  # what a --attn flag accepts
 FEATURES = {
     "reference": frozenset({"gqa", "window", "softcap", "dropout", "varlen"}),
     "sdpa": frozenset({"gqa", "window", "varlen"}),
-    "triton": frozenset(),
+    "triton": frozenset({"gqa", "window", "softcap", "dropout", "varlen"}),
 }
 # How an error names the argument behind each feature.
 _FEATURE_ARGUMENTS = {
@@ -51,12 +51,18 @@ _FEATURE_ARGUMENTS = {
 }
 
 
-def _triton_attention(q, k, v, *, causal, scale):
+def _triton_attention(*args, **options):
     # Imported on first use: the module decides at import time whether Triton must run
     # through its CPU interpreter, and importing Triton is slow.
     from . import triton_attention
 
-    return triton_attention.attention(q, k, v, causal=causal, scale=scale)
+    return triton_attention.attention(*args, **options)
+
+
+def _triton_varlen_attention(*args, **options):
+    from . import triton_attention
+
+    return triton_attention.varlen_attention(*args, **options)
 
 
 _IMPLEMENTATIONS = {
@@ -67,6 +73,7 @@ _IMPLEMENTATIONS = {
 _VARLEN_IMPLEMENTATIONS = {
     "reference": reference.varlen_attention,
     "sdpa": sdpa.varlen_attention,
+    "triton": _triton_varlen_attention,
 }
 
 

@@ -2,6 +2,7 @@
 
     TRITON_INTERPRET=0 python -m kernels.compile_check              # the sm90 rows, for sm_90a
     TRITON_INTERPRET=0 python -m kernels.compile_check --arch all   # also sm80 (sm_80) and generic (sm_86)
+    TRITON_INTERPRET=0 python -m kernels.compile_check --variants   # also every row with every feature on
 
 What it compiles. At launch, Triton's JIT specializes a kernel on its arguments: an integer
 argument equal to 1 becomes a constant (the head-dim stride of a contiguous or fused-QKV
@@ -16,6 +17,12 @@ would compile (signature, constants, attributes, options) and stops the launch t
 Each distinct specialization is then compiled once with JITFunction.preload, Triton's way
 of compiling a recorded specialization ahead of time. Lengths are not specialized on
 (do_not_specialize), so the calls of a row mostly share one program.
+
+With --variants each row also compiles its fused-QKV calls with every feature of
+kernels.attention switched on (VARIANT: grouped-query heads, a window, a softcap, dropout),
+the heaviest variant of the kernels, shown as "variant" in the calls column; the same
+checks apply. The features are constexpr switches, so the plain calls compile the kernels
+exactly as they were before the features existed.
 
 What it checks, for every row and every program its calls compile to:
   - registers and spilled bytes per thread (the `ptxas -v` log of Triton's own cubin) and
@@ -49,7 +56,6 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from types import SimpleNamespace
-from unittest import mock
 
 if os.environ.get("TRITON_INTERPRET", "0") != "0":
     sys.exit("compile_check compiles for a real GPU: run it with TRITON_INTERPRET=0")
@@ -60,6 +66,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from kernels import triton_attention, triton_decode  # noqa: E402
+from kernels.triton_common import Options  # noqa: E402
 from kernels.triton_configs import ANY, ARCHS, LENGTH_CLASSES, SHARED_MEMORY, TABLE, LaunchConfig, table_config  # noqa: E402
 
 # The GPU each table architecture is compiled for (warp size 32, as CUDA drivers report it).
@@ -136,15 +143,20 @@ BATCH, HEADS = 2, 4  # the model's default head count (neither 1 nor a multiple 
 Q_LEN = {"decode": 1, "short": 1024, "medium": 4096, "long": 16384}  # one length per length class
 DECODE_KV_LEN = 1024  # decoding: new queries against a cache of this many keys
 LAYOUTS = ("fused QKV", "contiguous")
+# --variants: each row's fused-QKV calls again with every feature of kernels.attention on, the
+# heaviest variant of the kernels (the decode kernel does no dropout: training takes the forward).
+VARIANT = ("gqa", "window", "softcap", "dropout")
+VARIANT_OPTIONS = dict(window=256, softcap=30.0, dropout_p=0.1, dropout_seed=1)
 
 
 @dataclasses.dataclass(frozen=True)
 class Call:
-    """One attention call the check launches: its memory layout, mask and length class."""
+    """One attention call the check launches: its memory layout, mask, length class and features."""
 
     layout: str  # "fused QKV": q, k, v are views of one (B, T, 3, H, D) projection; "contiguous": (B, H, T, D)
     causal: bool
     length: str
+    features: tuple[str, ...] = ()  # of VARIANT: "gqa" gives k and v half as many heads as q
 
 
 def inputs(call: Call, dtype: torch.dtype, head_dim: int) -> SimpleNamespace:
@@ -164,7 +176,12 @@ def inputs(call: Call, dtype: torch.dtype, head_dim: int) -> SimpleNamespace:
     else:
         q, do = empty(BATCH, HEADS, q_len, head_dim), empty(BATCH, HEADS, q_len, head_dim)
         k, v = empty(BATCH, HEADS, kv_len, head_dim), empty(BATCH, HEADS, kv_len, head_dim)
-    return SimpleNamespace(q=q, k=k, v=v, do=do, causal=call.causal, scale=head_dim**-0.5)
+    if "gqa" in call.features:  # the first half of the kv heads, still views of the same memory
+        k, v = k[:, : HEADS // 2], v[:, : HEADS // 2]
+    options = {name: VARIANT_OPTIONS[name] for name in ("window", "softcap") if name in call.features}
+    if "dropout" in call.features:
+        options.update(dropout_p=VARIANT_OPTIONS["dropout_p"], dropout_seed=VARIANT_OPTIONS["dropout_seed"])
+    return SimpleNamespace(q=q, k=k, v=v, do=do, options=Options(call.causal, head_dim**-0.5, **options))
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,23 +191,22 @@ def inputs(call: Call, dtype: torch.dtype, head_dim: int) -> SimpleNamespace:
 
 def _plan(x: SimpleNamespace, cfg: LaunchConfig):
     """The launch code's plan for these inputs, with cfg for every kernel it launches."""
-    plan = triton_attention._plan_for(x.q, x.k, x.v, x.causal)
+    plan = triton_attention._plan_for(x.q, x.k, x.v, x.options)
     return dataclasses.replace(plan, configs=collections.defaultdict(lambda: cfg))
 
 
 def _run_forward(x: SimpleNamespace, cfg: LaunchConfig) -> None:
-    triton_attention._forward(x.q, x.k, x.v, x.scale, _plan(x, cfg))
+    triton_attention._forward(x.q, x.k, x.v, x.options, None, _plan(x, cfg))
 
 
 def _run_backward(x: SimpleNamespace, cfg: LaunchConfig) -> None:
     plan = _plan(x, cfg)
-    out, lse = triton_attention._forward(x.q, x.k, x.v, x.scale, plan)
-    triton_attention._backward(x.do, x.q, x.k, x.v, out, lse, x.scale, plan)
+    out, lse = triton_attention._forward(x.q, x.k, x.v, x.options, None, plan)
+    triton_attention._backward(x.do, x.q, x.k, x.v, out, lse, x.options, None, plan)
 
 
 def _run_decode(x: SimpleNamespace, cfg: LaunchConfig) -> None:
-    with mock.patch.object(triton_decode, "decode_config", lambda *_: cfg):  # what the table gives on a GPU
-        triton_decode.decode_attention(x.q, x.k, x.v, causal=x.causal, scale=x.scale)
+    triton_attention._decode(x.q, x.k, x.v, x.options, None, _plan(x, cfg))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,9 +389,10 @@ class Row:
     cfg: LaunchConfig
     programs: dict[Launch, list[Call]] = dataclasses.field(default_factory=dict)
 
-    def calls(self) -> list[Call]:
-        """The calls a GPU of this arch sends to this row's config (the most specific row wins)."""
-        return [
+    def calls(self, variants: bool = False) -> list[Call]:
+        """The calls a GPU of this arch sends to this row's config (the most specific row wins);
+        with `variants`, also the fused-QKV ones with every feature of VARIANT on."""
+        plain = [
             Call(layout, causal, length)
             for causal in (True, False)
             if self.causal in (ANY, causal)
@@ -384,6 +401,10 @@ class Row:
             and table_config(self.arch, self.kernel, self.dtype_class, causal, length, self.head_dim) == self.cfg
             for layout in LAYOUTS
         ]
+        if not variants:
+            return plain
+        features = tuple(f for f in VARIANT if not (self.kernel == "decode" and f == "dropout"))
+        return plain + [dataclasses.replace(call, features=features) for call in plain if call.layout == "fused QKV"]
 
     def label(self) -> str:
         show = lambda value: "any" if value is None else str(value)  # noqa: E731
@@ -393,21 +414,21 @@ class Row:
         )
 
 
-def table_rows(archs) -> list[Row]:
+def table_rows(archs, variants: bool = False) -> list[Row]:
     """Every row of the table for `archs`, with the programs its calls launch (recorded, not compiled)."""
     rows = []
     for arch in archs:
         for (kernel, dtype_class, causal, length), by_head_dim in TABLE[arch].items():
             for head_dim, cfg in by_head_dim.items():
-                rows.append(record_row(Row(arch, kernel, dtype_class, causal, length, head_dim, cfg)))
+                rows.append(record_row(Row(arch, kernel, dtype_class, causal, length, head_dim, cfg), variants))
     return rows
 
 
-def record_row(row: Row) -> Row:
+def record_row(row: Row, variants: bool = False) -> Row:
     """Fill row.programs: each distinct launch of the row's JIT kernel, and the calls that make it."""
     kernel = KERNELS[row.kernel]
     name = f"{kernel.jit.fn.__module__}.{kernel.jit.fn.__qualname__}"
-    for call in row.calls():
+    for call in row.calls(variants):
         x = inputs(call, DTYPES[row.dtype_class], row.head_dim)
         launches = [
             launch for launch in record_launches(row.arch, lambda: kernel.run(x, row.cfg)) if launch.kernel == name
@@ -441,7 +462,13 @@ def describe(calls: list[Call], row: Row) -> str:
     if set(calls) == {call for cs in row.programs.values() for call in cs}:
         return "all"
     parts = []
-    for field, show in (("causal", lambda value: "causal" if value else "full"), ("layout", str), ("length", str)):
+    fields = (
+        ("causal", lambda value: "causal" if value else "full"),
+        ("layout", str),
+        ("length", str),
+        ("features", lambda value: "variant" if value else "plain"),
+    )
+    for field, show in fields:
 
         def values(cs, field=field):  # in order, each once
             return list(dict.fromkeys(getattr(c, field) for c in cs))
@@ -501,10 +528,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=(*ARCHS, "all"), default="sm90")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="compile in this many processes")
+    parser.add_argument(
+        "--variants", action="store_true", help=f"also compile every row with {'+'.join(VARIANT)} on (fused QKV)"
+    )
     args = parser.parse_args(argv)
     _require_triton_jit()
     archs = ARCHS if args.arch == "all" else (args.arch,)
-    rows = table_rows(archs)
+    rows = table_rows(archs, args.variants)
     spill = ", ".join(f"{dtype_class} {limit}" for dtype_class, limit in SPILL_LIMIT.items())
     programs = len({(row.arch, launch) for row in rows for launch in row.programs})
     print(f"triton {triton.__version__}; {len(rows)} rows, {programs} programs; spill limit (bytes/thread): {spill}")

@@ -1,6 +1,7 @@
-"""Fused causal attention in Triton, FlashAttention-2 style, forward and backward.
+"""Fused attention in Triton, FlashAttention-2 style, forward and backward.
 
-    out = attention(q, k, v, causal=True, scale=0.125)   # q (B, H, Tq, D), k/v (B, H, Tk, D)
+    out = attention(q, k, v, causal=True, scale=0.125)   # q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D)
+    out = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...)
 
 The (Tq, Tk) score matrix never exists in memory. Each program owns a block of rows
 and streams the other side through on-chip memory in blocks:
@@ -15,30 +16,48 @@ and streams the other side through on-chip memory in blocks:
             Every gradient element is written by exactly one program, in a fixed
             order: no atomics, so gradients are bit-for-bit deterministic.
 
-Causal masking is bottom-right aligned (query i sees key j iff j <= i + Tk - Tq, as in
-kernels/reference.py). Key/query blocks wholly above the diagonal are never visited,
-blocks wholly below it run without any mask, and only blocks crossing the diagonal
-or a sequence end pay for masking.
+Masks are bottom-right aligned (query i sits at position i + Tk - Tq, as in
+kernels/reference.py). Key/query blocks no row of the other side sees (above the causal
+diagonal, before a sliding window) are never visited, blocks every row sees in full run
+without any mask, and only blocks crossing the diagonal, a window's edge or a sequence end
+pay for masking.
+
+The features of kernels.attention are constexpr switches of the same kernels, so a plain
+call compiles exactly the kernel it did before they existed (kernels/triton_common.py):
+  GROUP      grouped-query attention: query head h reads kv head h // GROUP, no copies; the
+             dK/dV program of a kv head sums over its query heads in a loop;
+  WINDOW     a sliding window (`window` keys, itself included), whose outside is skipped;
+  SOFTCAP    scores softcap * tanh(scale * q k^T / softcap), forward and backward;
+  DROPOUT    the seeded mask of kernels/dropout.py, made again per tile in the backward;
+  VARLEN     packed sequences: program (block, sequence * head) reads where its sequence
+             lies from cu_seqlens, and no sequence sees another;
+  BLOCK_D    head dims that are multiples of 8 (80, 96, ...) padded to a power of two, the
+             padding columns masked;
+  SPLIT_GRID batch x heads over grid axes 1 and 2, past CUDA's 65,535 programs per axis.
 
 Scores are scaled into base 2 (scale * log2(e)) so the kernels use exp2, which maps to
 one hardware instruction.
 
 Launching: block sizes, warps and stages come from the committed table in
 kernels/triton_configs.py (no autotuning unless GPT_KERNELS_AUTOTUNE=1). Everything a
-launch needs besides the tensors (configs, grids, constexprs) is worked out once per input
-signature (a _Plan) and cached, so an eager call costs a dictionary lookup and the launches.
-The kernels do not specialize on the sequence lengths, so a growing KV cache never recompiles.
+launch needs besides the tensors and the options' values (configs, grids, constexprs) is
+worked out once per input signature (a _Plan) and cached, so an eager call costs a
+dictionary lookup and the launches. The kernels do not specialize on the sequence lengths
+or the options' values, so a growing KV cache (or a new dropout seed) never recompiles.
+
+Routing, in one place (_decodes): a few new queries against a KV cache, with nothing to
+differentiate, go to the split-KV decode kernel (kernels/triton_decode.py) instead.
 
 Eager calls go through a torch.autograd.Function. Under torch.compile the same launchers
-run inside torch.library custom ops (gpt_kernels::flash_attn_fwd, gpt_kernels::flash_attn_bwd)
-with fake implementations and autograd, which torch.compile traces without graph breaks.
+run inside torch.library custom ops (gpt_kernels::flash_attn_fwd, gpt_kernels::flash_attn_bwd,
+gpt_kernels::flash_attn_decode) with fake implementations and autograd, which torch.compile
+traces without graph breaks.
 
 Without CUDA the kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1, set up
 by kernels/triton_runtime.py), which accepts CPU tensors: correct, and very slow, for tests.
 """
 
 import functools  # noqa: I001 (kernels.triton_runtime must be imported before triton: see there)
-import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -50,14 +69,29 @@ from . import triton_runtime  # first: without CUDA it switches Triton to its in
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from . import triton_configs  # noqa: E402
-from .checks import check_attention_inputs  # noqa: E402
+from . import triton_configs, triton_decode  # noqa: E402
+from .checks import check_attention_inputs, check_varlen_inputs  # noqa: E402
+from .triton_common import (  # noqa: E402
+    Options,
+    Packing,
+    arguments,
+    batch_head_grid,
+    block_ranges,
+    lengths,
+    padded_head_dim,
+    split_grid_batch_head,
+    sequence_span,
+    strides,
+    tanh,
+    visible,
+)
 from .triton_configs import LaunchConfig  # noqa: E402
-from .triton_decode import MAX_DECODE_Q_LEN, decode_attention  # noqa: E402
+from .triton_decode import MAX_DECODE_Q_LEN  # noqa: E402
+from .triton_dropout import dropout_kept, dropout_row_bits  # noqa: E402
 from .triton_runtime import INTERPRET, dot, fp32_dot  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
-# Small helpers shared by all kernels
+# Small helpers shared by the forward and backward kernels
 # ---------------------------------------------------------------------------------------
 
 
@@ -73,26 +107,19 @@ def _tile(base, rows, stride_row, cols, stride_col):
 
 
 @triton.jit
-def _load(ptrs, mask, MASKED: tl.constexpr):
-    """Load a tile; off-edge elements (only checked when MASKED) read as 0."""
+def _load(ptrs, mask, in_d, MASKED: tl.constexpr, PAD_D: tl.constexpr):
+    """Load a tile; off-edge elements read as 0: rows past the end (`mask`, only checked when
+    MASKED) and, when the head dim is padded to a power of two (PAD_D), the columns past it (in_d)."""
     if MASKED:
-        x = tl.load(ptrs, mask=mask, other=0.0)
+        if PAD_D:
+            x = tl.load(ptrs, mask=mask & in_d, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=mask, other=0.0)
+    elif PAD_D:
+        x = tl.load(ptrs, mask=in_d, other=0.0)
     else:
         x = tl.load(ptrs)
     return x
-
-
-@triton.jit
-def _visible(q_idx, k_idx, N_K, diag, CAUSAL: tl.constexpr):
-    """True where query q_idx may attend to key k_idx (any broadcastable shapes).
-
-    Keys past the end are invisible; with CAUSAL, key j is visible to query i iff
-    j <= i + diag, where diag = Tk - Tq aligns the mask bottom-right.
-    """
-    ok = k_idx < N_K
-    if CAUSAL:
-        ok = ok & (k_idx <= q_idx + diag)
-    return ok
 
 
 @triton.jit
@@ -113,6 +140,25 @@ def _key_ranges(start_m, N_Q, N_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         full_end = N_K // BLOCK_N * BLOCK_N
         end = N_K
     return full_end, end
+
+
+@triton.jit
+def _window_key_ranges(start_m, N_Q, N_K, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       CAUSAL: tl.constexpr):
+    """With a sliding window, the key range of query block start_m as block_ranges splits it:
+    masked at the window's far edge, unmasked, masked at the diagonal or the end of the keys.
+    Key blocks wholly outside every row's window are skipped."""
+    diag = N_K - N_Q
+    first = start_m * BLOCK_M + diag  # position of the block's first query
+    last = tl.minimum((start_m + 1) * BLOCK_M, N_Q) - 1 + diag  # and of its last one
+    # Some row sees keys in [first - window + 1, end); every row sees those in [last - window + 1, full_end).
+    if CAUSAL:
+        end = tl.minimum(last + 1, N_K)
+        full_end = tl.minimum(first + 1, N_K)
+    else:
+        end = N_K
+        full_end = N_K
+    return block_ranges(first - window + 1, last - window + 1, full_end, end, BLOCK_N)
 
 
 @triton.jit
@@ -141,6 +187,29 @@ def _query_ranges(start_n, N_Q, N_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
     return lo, full_lo, full_hi, end
 
 
+@triton.jit
+def _window_query_ranges(start_n, N_Q, N_K, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         CAUSAL: tl.constexpr):
+    """With a sliding window, the query range of key block start_n as block_ranges splits it.
+    Query blocks whose windows all end before these keys (or, causal, start after them) are skipped."""
+    diag = N_K - N_Q
+    first = start_n * BLOCK_N  # the block's first key
+    last = tl.minimum(first + BLOCK_N, N_K) - 1  # and its last one
+    # Query i (at position i + diag) sees key j iff j > i + diag - window, and with CAUSAL j <= i + diag.
+    # So rows in [begin, end) see some of these keys, rows in [full_begin, full_end) all of them.
+    end = tl.minimum(last + window - diag, N_Q)
+    full_end = tl.minimum(first + window - diag, N_Q)
+    if CAUSAL:
+        begin = first - diag
+        full_begin = last - diag
+    else:
+        begin = 0
+        full_begin = 0
+    # A key block running past Tk needs the key mask in every query block.
+    full_end = tl.where(first + BLOCK_N <= N_K, full_end, 0)
+    return block_ranges(begin, full_begin, full_end, end, BLOCK_M)
+
+
 # ---------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------
@@ -148,82 +217,157 @@ def _query_ranges(start_n, N_Q, N_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexp
 
 @triton.jit
 def _attn_fwd_inner(
-    acc, l_i, m_i, q,  # running state: (BLOCK_M, HEAD_DIM) f32, (BLOCK_M,) f32 x2; q (BLOCK_M, HEAD_DIM)
-    K, V, stride_kn, stride_kd, stride_vn, stride_vd,  # this (batch, head)'s keys and values
-    offs_m, offs_d, lo, hi, N_K, diag, qk_scale,
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, FP32_DOT: tl.constexpr,
+    acc, l_i, m_i, q,  # running state: (BLOCK_M, BLOCK_D) f32, (BLOCK_M,) f32 x2; q (BLOCK_M, BLOCK_D)
+    K, V, stride_kn, stride_kd, stride_vn, stride_vd,  # this (batch, kv head)'s keys and values
+    offs_m, offs_d, in_d, lo, hi, lo2, hi2, N_K, diag, qk_scale,
+    softcap_scale, window, dropout_rows, dropout_threshold,  # the variants' values (None when off)
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr, PAD_D: tl.constexpr, MASKED: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    """Fold key blocks [lo, hi) into the online softmax of one query block."""
+    """Fold key blocks [lo, hi) into the online softmax of one query block, and with WINDOW
+    and MASKED those of [lo2, hi2) after them: both masked ranges of a window, in one loop."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+    steps_end = hi
+    if WINDOW and MASKED:
+        steps_end = hi + (hi2 - lo2)
+    for start_n in range(lo, steps_end, BLOCK_N):
+        if WINDOW and MASKED:
+            start_n = tl.where(start_n < hi, start_n, start_n - hi + lo2)
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
         in_k = offs_n[:, None] < N_K
-        k = _load(_tile(K, offs_n, stride_kn, offs_d, stride_kd), in_k, MASKED)  # (BLOCK_N, HEAD_DIM)
-        v = _load(_tile(V, offs_n, stride_vn, offs_d, stride_vd), in_k, MASKED)  # (BLOCK_N, HEAD_DIM)
+        k = _load(_tile(K, offs_n, stride_kn, offs_d, stride_kd), in_k, in_d, MASKED, PAD_D)  # (BLOCK_N, BLOCK_D)
+        v = _load(_tile(V, offs_n, stride_vn, offs_d, stride_vd), in_k, in_d, MASKED, PAD_D)  # (BLOCK_N, BLOCK_D)
         qk = dot(q, tl.trans(k), FP32_DOT)  # (BLOCK_M, BLOCK_N) raw scores
+        if SOFTCAP:  # times qk_scale = softcap * log2(e) below: softcap * tanh(scale * q k^T / softcap)
+            qk = tanh(qk * softcap_scale)
         if MASKED:
-            qk = tl.where(_visible(offs_m[:, None], offs_n[None, :], N_K, diag, CAUSAL), qk * qk_scale, float("-inf"))
+            qk = tl.where(visible(offs_m[:, None], offs_n[None, :], N_K, diag, window, CAUSAL, WINDOW),
+                          qk * qk_scale, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
-            qk = qk - m_ij[:, None]
+            m_sub = m_ij
+            if WINDOW:  # a row may have seen no key yet (m = -inf): subtract 0, not -inf, so exp2 gives 0, not NaN
+                m_sub = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+            qk = qk - m_sub[:, None]
         else:
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_sub = m_ij
             qk = qk * qk_scale - m_ij[:, None]
-        # m_ij is finite: every row sees at least key 0, and the first block visited
-        # holds it, so exp2 never sees (-inf) - (-inf).
+        # Without a window m_ij is finite: every row sees at least key 0, and the first block
+        # visited holds it, so exp2 never sees (-inf) - (-inf).
         p = tl.math.exp2(qk)  # (BLOCK_M, BLOCK_N) unnormalized probabilities
-        alpha = tl.math.exp2(m_i - m_ij)  # rescales what was summed under the old max
-        l_i = l_i * alpha + tl.sum(p, 1)
+        alpha = tl.math.exp2(m_i - m_sub)  # rescales what was summed under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax sums every probability, dropped or not
+        if DROPOUT:
+            p = tl.where(dropout_kept(dropout_rows[:, None], offs_n[None, :], dropout_threshold), p, 0.0)
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, FP32_DOT)
         m_i = m_ij
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K"])  # lengths change every decoding step: never recompile
+# Lengths change every decoding step, a packed batch's total (stride_lse_h) every batch, the seed every
+# training step: none is specialized on, so none recompiles.
+@triton.jit(do_not_specialize=["stride_lse_h", "N_Q", "N_K", "batch_heads", "window", "dropout_seed",
+                               "dropout_threshold"])
 def _attn_fwd(
-    Q, K, V, Out, Lse,
+    Q, K, V, Out, Lse, Cu_seqlens_q, Cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, N_Q, N_K,
-    qk_scale,  # softmax scale * log2(e)
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+    stride_lse_h, H, N_Q, N_K, batch_heads,
+    qk_scale,  # softmax scale * log2(e) (with SOFTCAP: softcap * log2(e))
+    softcap_scale, window, dropout_seed, dropout_threshold, dropout_scale,  # None when their switch is off
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, SPLIT_GRID: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # grid: (cdiv(Tq, BLOCK_M), B * H)
+    # grid: (cdiv(Tq, BLOCK_M), B * H), or (cdiv(max_seqlen_q, BLOCK_M), sequences * H) with VARLEN
     start_m = tl.program_id(0)
     off_hb = tl.program_id(1)
+    if SPLIT_GRID:
+        off_hb = split_grid_batch_head(off_hb)
+        if off_hb >= batch_heads:
+            return
     # Point every base pointer at this program's (batch, head): below, only rows and columns.
     off_b = (off_hb // H).to(tl.int64)  # int64: batch offsets can pass 2**31 elements
     off_h = (off_hb % H).to(tl.int64)
+    off_kv = off_h
+    if GROUP > 1:  # grouped-query attention: query head h reads kv head h // GROUP
+        off_kv = off_h // GROUP
+    if VARLEN:  # off_b is the sequence; its rows start at q_start and k_start (stride_qb etc. are 0)
+        q_start, N_Q = sequence_span(Cu_seqlens_q, off_b)
+        k_start, N_K = sequence_span(Cu_seqlens_k, off_b)
+        if start_m * BLOCK_M >= N_Q:
+            return
+        Q += q_start * stride_qm
+        Out += q_start * stride_om
+        K += k_start * stride_kn
+        V += k_start * stride_vn
     Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
+    K += off_b * stride_kb + off_kv * stride_kh
+    V += off_b * stride_vb + off_kv * stride_vh
     Out += off_b * stride_ob + off_h * stride_oh
-    Lse += off_hb.to(tl.int64) * N_Q
+    if VARLEN:  # Lse (H, total_q)
+        Lse += off_h * stride_lse_h + q_start
+    else:  # Lse (B, H, Tq)
+        Lse += off_hb.to(tl.int64) * N_Q
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     in_q = offs_m[:, None] < N_Q
+    in_d = offs_d[None, :] < HEAD_DIM  # BLOCK_D pads the head dim to a power of two
+    if HEAD_DIM < BLOCK_D:
+        in_q = in_q & in_d
     # Rows past Tq load zeros and compute harmless values that are never stored.
-    q = tl.load(_tile(Q, offs_m, stride_qm, offs_d, stride_qd), mask=in_q, other=0.0)  # (BLOCK_M, HEAD_DIM)
+    q = tl.load(_tile(Q, offs_m, stride_qm, offs_d, stride_qd), mask=in_q, other=0.0)  # (BLOCK_M, BLOCK_D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base-2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(score - m_i)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # running unnormalized output
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running unnormalized output
+    dropout_rows = None
+    if DROPOUT:  # the mask's hash of (seed, batch, head, query), continued per key in the loop
+        dropout_rows = dropout_row_bits(dropout_seed, off_b, off_h, offs_m)
 
-    full_end, end = _key_ranges(start_m, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
-    diag = N_K - N_Q
-    # Phase 1: key blocks every row sees in full, no mask. Phase 2: the blocks crossing
-    # the causal diagonal or the end of the keys. Blocks after `end` are skipped.
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                                    offs_m, offs_d, 0, full_end, N_K, diag, qk_scale,
-                                    BLOCK_N, CAUSAL, False, FP32_DOT)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                                    offs_m, offs_d, full_end, end, N_K, diag, qk_scale,
-                                    BLOCK_N, CAUSAL, True, FP32_DOT)
+    if WINDOW:
+        # First the key blocks every row sees, unmasked; then in one loop the masked ones at the
+        # window's far edge and at the diagonal or the end of the keys (a third loop spilled
+        # registers). Blocks before the first and after the last are skipped.
+        lo, full_lo, full_hi, hi = _window_key_ranges(start_m, N_Q, N_K, window, BLOCK_M, BLOCK_N, CAUSAL)
+        diag = N_K - N_Q
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                        offs_m, offs_d, in_d, full_lo, full_hi, None, None, N_K, diag, qk_scale,
+                                        softcap_scale, window, dropout_rows, dropout_threshold,
+                                        BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D, False,
+                                        FP32_DOT)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                        offs_m, offs_d, in_d, lo, full_lo, full_hi, hi, N_K, diag, qk_scale,
+                                        softcap_scale, window, dropout_rows, dropout_threshold,
+                                        BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D, True,
+                                        FP32_DOT)
+    else:
+        full_end, end = _key_ranges(start_m, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
+        diag = N_K - N_Q
+        # Phase 1: key blocks every row sees in full, no mask. Phase 2: the blocks crossing
+        # the causal diagonal or the end of the keys. Blocks after `end` are skipped.
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                        offs_m, offs_d, in_d, 0, full_end, None, None, N_K, diag, qk_scale,
+                                        softcap_scale, window, dropout_rows, dropout_threshold,
+                                        BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D, False,
+                                        FP32_DOT)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                        offs_m, offs_d, in_d, full_end, end, None, None, N_K, diag, qk_scale,
+                                        softcap_scale, window, dropout_rows, dropout_threshold,
+                                        BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D, True,
+                                        FP32_DOT)
 
+    if VARLEN or WINDOW:
+        # Rows that saw no key (l = 0): those of a sequence without keys, which are 0 with lse -inf,
+        # and padding rows past Tq whose window ends past the keys (never stored).
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_i[:, None]
+    if DROPOUT:  # the survivors, scaled by 1 / (1 - p)
+        acc = acc * dropout_scale
     # Base-2 LSE, kept in the units the backward uses: converting to natural log and back
     # would add two roundings, and at large logits each costs accuracy in the gradients.
     lse = m_i + tl.math.log2(l_i)
@@ -241,32 +385,56 @@ def _attn_fwd(
 # and delta_i = rowsum(dO * O)_i, cheaper than summing over all keys. P is rebuilt from
 # the saved base-2 LSE: P = exp2(scores * scale * log2(e) - LSE2).
 #
+# The variants change three lines of it:
+#   dropout (kept mask M, survivors scaled by s = 1 / (1 - p)): O = (P * M * s) V, so
+#       dV = (P * M * s)^T dO and dP = (dO V^T) * M * s; delta = rowsum(dO * O) still holds;
+#   softcap: scores c = softcap * tanh(scale * q k^T / softcap), so dS is taken through
+#       dc / d(scale * q k^T) = 1 - tanh^2;
+#   GQA: dK and dV of a kv head sum over the query heads that read it. The dK/dV program of
+#       a kv head loops over that group of query heads, in order: still no atomics.
+#
 # Precision note: LSE2 is a float32 near the largest logit L, so it carries an absolute
 # rounding error of about eps * |L|, and every rebuilt probability a relative error of
 # that size. For ordinary logits (|L| ~ 10) this is invisible; at |L| ~ 1e4 it is ~1e-3,
 # the usual limit of FlashAttention-style backward passes.
 
 
-@triton.jit(do_not_specialize=["N_Q"])
+@triton.jit(do_not_specialize=["stride_lse_h", "N_Q", "batch_heads"])
 def _attn_bwd_preprocess(
-    O, DO, Delta,
+    O, DO, Delta, Cu_seqlens_q,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    H, N_Q,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    stride_lse_h, H, N_Q, batch_heads,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr, SPLIT_GRID: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
-    # grid: (cdiv(Tq, BLOCK_M), B * H)
+    # grid: (cdiv(Tq, BLOCK_M), B * H), as the forward's
     start_m = tl.program_id(0)
     off_hb = tl.program_id(1)
+    if SPLIT_GRID:
+        off_hb = split_grid_batch_head(off_hb)
+        if off_hb >= batch_heads:
+            return
     off_b = (off_hb // H).to(tl.int64)
     off_h = (off_hb % H).to(tl.int64)
+    if VARLEN:
+        q_start, N_Q = sequence_span(Cu_seqlens_q, off_b)
+        if start_m * BLOCK_M >= N_Q:
+            return
+        O += q_start * stride_om
+        DO += q_start * stride_dom
     O += off_b * stride_ob + off_h * stride_oh
     DO += off_b * stride_dob + off_h * stride_doh
-    Delta += off_hb.to(tl.int64) * N_Q
+    if VARLEN:
+        Delta += off_h * stride_lse_h + q_start
+    else:
+        Delta += off_hb.to(tl.int64) * N_Q
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     in_q = offs_m[:, None] < N_Q
+    if HEAD_DIM < BLOCK_D:
+        in_q = in_q & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(_tile(O, offs_m, stride_om, offs_d, stride_od), mask=in_q, other=0.0)
     do = tl.load(_tile(DO, offs_m, stride_dom, offs_d, stride_dod), mask=in_q, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)  # (BLOCK_M,)
@@ -275,88 +443,162 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv_inner(
-    dk, dv, k, v,  # (BLOCK_N, HEAD_DIM): f32 accumulators, and this program's keys/values
-    Q, DO, stride_qm, stride_qd, stride_dom, stride_dod,  # this (batch, head)'s queries and dO
-    Lse, Delta,  # this (batch, head)'s rows of the (B, H, Tq) float32 base-2 LSE and delta
-    offs_n, offs_d, lo, hi, N_Q, N_K, diag, qk_scale,
-    BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, FP32_DOT: tl.constexpr,
+    dk, dv, k, v,  # (BLOCK_N, BLOCK_D): f32 accumulators, and this program's keys/values
+    Q, DO, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,  # queries and dO
+    Lse, Delta, lse_head_stride,  # the float32 base-2 LSE and delta rows of the query heads
+    offs_n, offs_d, in_d, lo, hi, N_Q, N_K, diag, qk_scale,
+    softcap_scale, window, dropout_seed, dropout_threshold, dropout_scale, off_b, off_h,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PAD_D: tl.constexpr, MASKED: tl.constexpr,
+    FP32_DOT: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key block over query blocks [lo, hi).
+    """Accumulate dK, dV of one key block over query blocks [lo, hi) of the GROUP query heads
+    off_h, off_h + 1, ... (Q, DO, Lse and Delta point at the first), one head after another.
 
+    With GQA one loop walks GROUP x the block range, not a loop per head around the block loop:
+    nested loops kept more values live across the inner one, and spilled registers.
     Works on transposed tiles (keys as rows) so that P^T and dS^T come out directly in
     the shape the dK/dV matmuls need, with no transpose of computed values.
     """
     offs_m0 = tl.arange(0, BLOCK_M)
-    for start_m in range(lo, hi, BLOCK_M):
+    steps_end = hi
+    if GROUP > 1:
+        steps_end = lo + GROUP * (hi - lo)
+    for start_m in range(lo, steps_end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
+        head = off_h
+        Q_h, DO_h, Lse_h, Delta_h = Q, DO, Lse, Delta
+        if GROUP > 1:  # step start_m - lo of GROUP x (hi - lo): head g of the group, its block start_m
+            g = (start_m - lo) // (hi - lo)
+            start_m = tl.multiple_of(start_m - g * (hi - lo), BLOCK_M)
+            head = off_h + g
+            Q_h, DO_h = Q + g * stride_qh, DO + g * stride_doh
+            Lse_h, Delta_h = Lse + g * lse_head_stride, Delta + g * lse_head_stride
         offs_m = start_m + offs_m0
         in_q = offs_m < N_Q
-        q = _load(_tile(Q, offs_m, stride_qm, offs_d, stride_qd), in_q[:, None], MASKED)  # (BLOCK_M, HEAD_DIM)
-        do = _load(_tile(DO, offs_m, stride_dom, offs_d, stride_dod), in_q[:, None], MASKED)  # (BLOCK_M, HEAD_DIM)
-        lse2 = _load(Lse + offs_m, in_q, MASKED)  # (BLOCK_M,)
-        delta = _load(Delta + offs_m, in_q, MASKED)  # (BLOCK_M,)
+        q = _load(_tile(Q_h, offs_m, stride_qm, offs_d, stride_qd), in_q[:, None], in_d, MASKED, PAD_D)
+        do = _load(_tile(DO_h, offs_m, stride_dom, offs_d, stride_dod), in_q[:, None], in_d, MASKED, PAD_D)
+        lse2 = _load(Lse_h + offs_m, in_q, None, MASKED, False)  # (BLOCK_M,)
+        delta = _load(Delta_h + offs_m, in_q, None, MASKED, False)  # (BLOCK_M,)
 
         qkT = dot(k, tl.trans(q), FP32_DOT)  # (BLOCK_N, BLOCK_M) raw scores, transposed
+        if SOFTCAP:
+            qkT = tanh(qkT * softcap_scale)  # kept for the derivative 1 - tanh^2 below
         logits = qkT * qk_scale - lse2[None, :]
         if MASKED:
             # Also drop query rows past Tq: here they would be summed into dK and dV.
-            ok = _visible(offs_m[None, :], offs_n[:, None], N_K, diag, CAUSAL) & in_q[None, :]
+            ok = visible(offs_m[None, :], offs_n[:, None], N_K, diag, window, CAUSAL, WINDOW) & in_q[None, :]
             logits = tl.where(ok, logits, float("-inf"))
         pT = tl.math.exp2(logits)  # P^T, already normalized
-        dv += dot(pT.to(do.dtype), do, FP32_DOT)  # (BLOCK_N, HEAD_DIM)
+        if DROPOUT:
+            rows = dropout_row_bits(dropout_seed, off_b, head, offs_m)
+            keptT = dropout_kept(rows[None, :], offs_n[:, None], dropout_threshold)
+            dv += dot(tl.where(keptT, pT * dropout_scale, 0.0).to(do.dtype), do, FP32_DOT)
+        else:
+            dv += dot(pT.to(do.dtype), do, FP32_DOT)  # (BLOCK_N, BLOCK_D)
+        if SOFTCAP:  # fold the cap's derivative into P^T now: tanh need not stay live across the next dot
+            pT = pT * (1.0 - qkT * qkT)
         dpT = dot(v, tl.trans(do), FP32_DOT)  # (BLOCK_N, BLOCK_M)
+        if DROPOUT:
+            dpT = tl.where(keptT, dpT * dropout_scale, 0.0)
         dsT = pT * (dpT - delta[None, :])
-        dk += dot(dsT.to(q.dtype), q, FP32_DOT)  # (BLOCK_N, HEAD_DIM), scaled by the caller
+        dk += dot(dsT.to(q.dtype), q, FP32_DOT)  # (BLOCK_N, BLOCK_D), scaled by the caller
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K"])
+@triton.jit(do_not_specialize=["stride_lse_h", "N_Q", "N_K", "batch_heads", "window", "dropout_seed",
+                               "dropout_threshold"])
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, Lse, Delta,
+    Q, K, V, DO, DK, DV, Lse, Delta, Cu_seqlens_q, Cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, N_Q, N_K, sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+    stride_lse_h, H, N_Q, N_K, batch_heads, sm_scale, qk_scale,
+    softcap_scale, window, dropout_seed, dropout_threshold, dropout_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, SPLIT_GRID: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # grid: (cdiv(Tk, BLOCK_N), B * H); BLOCK_N keys per program, BLOCK_M queries per step
+    # grid: (cdiv(Tk, BLOCK_N), B * H), H the kv heads; BLOCK_N keys per program, BLOCK_M queries per step
     start_n = tl.program_id(0)
     off_hb = tl.program_id(1)
+    if SPLIT_GRID:
+        off_hb = split_grid_batch_head(off_hb)
+        if off_hb >= batch_heads:
+            return
     off_b = (off_hb // H).to(tl.int64)
-    off_h = (off_hb % H).to(tl.int64)
-    Q += off_b * stride_qb + off_h * stride_qh
+    off_h = (off_hb % H).to(tl.int64)  # the kv head; with GQA its query heads are off_h * GROUP + g
+    if VARLEN:
+        q_start, N_Q = sequence_span(Cu_seqlens_q, off_b)
+        k_start, N_K = sequence_span(Cu_seqlens_k, off_b)
+        if start_n * BLOCK_N >= N_K:
+            return
+        Q += q_start * stride_qm
+        DO += q_start * stride_dom
+        K += k_start * stride_kn
+        V += k_start * stride_vn
+        DK += k_start * stride_dkn
+        DV += k_start * stride_dvn
+    q_head = off_h
+    if GROUP > 1:
+        q_head = off_h * GROUP  # the group's first query head
+    Q += off_b * stride_qb + q_head * stride_qh
     K += off_b * stride_kb + off_h * stride_kh
     V += off_b * stride_vb + off_h * stride_vh
-    DO += off_b * stride_dob + off_h * stride_doh
+    DO += off_b * stride_dob + q_head * stride_doh
     DK += off_b * stride_dkb + off_h * stride_dkh
     DV += off_b * stride_dvb + off_h * stride_dvh
-    Lse += off_hb.to(tl.int64) * N_Q  # this (batch, head)'s rows of the (B, H, Tq) float32 LSE and delta
-    Delta += off_hb.to(tl.int64) * N_Q
+    # That head's rows of the float32 base-2 LSE and delta: (B, H * GROUP, Tq), or (H * GROUP, total_q) with VARLEN
+    if VARLEN:
+        lse_head_stride = stride_lse_h
+        Lse += q_head * stride_lse_h + q_start
+        Delta += q_head * stride_lse_h + q_start
+    else:
+        lse_head_stride = N_Q
+        if GROUP > 1:
+            Lse += (off_b * H * GROUP + q_head) * N_Q
+            Delta += (off_b * H * GROUP + q_head) * N_Q
+        else:
+            Lse += off_hb.to(tl.int64) * N_Q
+            Delta += off_hb.to(tl.int64) * N_Q
 
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     in_k = offs_n[:, None] < N_K
-    k = tl.load(_tile(K, offs_n, stride_kn, offs_d, stride_kd), mask=in_k, other=0.0)  # (BLOCK_N, HEAD_DIM)
-    v = tl.load(_tile(V, offs_n, stride_vn, offs_d, stride_vd), mask=in_k, other=0.0)  # (BLOCK_N, HEAD_DIM)
+    in_d = offs_d[None, :] < HEAD_DIM
+    if HEAD_DIM < BLOCK_D:
+        in_k = in_k & in_d
+    k = tl.load(_tile(K, offs_n, stride_kn, offs_d, stride_kd), mask=in_k, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(_tile(V, offs_n, stride_vn, offs_d, stride_vd), mask=in_k, other=0.0)  # (BLOCK_N, BLOCK_D)
 
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     diag = N_K - N_Q
-    lo, full_lo, full_hi, end = _query_ranges(start_n, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
-    # Query blocks before `lo` cannot see any of these keys and are skipped.
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, stride_qm, stride_qd, stride_dom, stride_dod,
-                                  Lse, Delta, offs_n, offs_d, lo, full_lo, N_Q, N_K, diag, qk_scale,
-                                  BLOCK_M, CAUSAL, True, FP32_DOT)  # crossing the diagonal
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, stride_qm, stride_qd, stride_dom, stride_dod,
-                                  Lse, Delta, offs_n, offs_d, full_lo, full_hi, N_Q, N_K, diag, qk_scale,
-                                  BLOCK_M, CAUSAL, False, FP32_DOT)  # fully visible
-    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, stride_qm, stride_qd, stride_dom, stride_dod,
-                                  Lse, Delta, offs_n, offs_d, full_hi, end, N_Q, N_K, diag, qk_scale,
-                                  BLOCK_M, CAUSAL, True, FP32_DOT)  # ragged end of Tq or Tk
+    if WINDOW:
+        lo, full_lo, full_hi, end = _window_query_ranges(start_n, N_Q, N_K, window, BLOCK_M, BLOCK_N, CAUSAL)
+    else:
+        lo, full_lo, full_hi, end = _query_ranges(start_n, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
+    # Query blocks before `lo` and from `end` cannot see any of these keys and are skipped.
+    # With GQA each range is walked for each query head of the group in turn: a fixed order.
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom,
+                                  stride_dod, Lse, Delta, lse_head_stride, offs_n, offs_d, in_d, lo, full_lo, N_Q,
+                                  N_K, diag, qk_scale, softcap_scale, window, dropout_seed, dropout_threshold,
+                                  dropout_scale, off_b, q_head, GROUP, BLOCK_M, CAUSAL, WINDOW, SOFTCAP, DROPOUT,
+                                  HEAD_DIM < BLOCK_D, True, FP32_DOT)  # crossing the diagonal (or the window's edge)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom,
+                                  stride_dod, Lse, Delta, lse_head_stride, offs_n, offs_d, in_d, full_lo, full_hi,
+                                  N_Q, N_K, diag, qk_scale, softcap_scale, window, dropout_seed, dropout_threshold,
+                                  dropout_scale, off_b, q_head, GROUP, BLOCK_M, CAUSAL, WINDOW, SOFTCAP, DROPOUT,
+                                  HEAD_DIM < BLOCK_D, False, FP32_DOT)  # fully visible
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom,
+                                  stride_dod, Lse, Delta, lse_head_stride, offs_n, offs_d, in_d, full_hi, end, N_Q,
+                                  N_K, diag, qk_scale, softcap_scale, window, dropout_seed, dropout_threshold,
+                                  dropout_scale, off_b, q_head, GROUP, BLOCK_M, CAUSAL, WINDOW, SOFTCAP, DROPOUT,
+                                  HEAD_DIM < BLOCK_D, True, FP32_DOT)  # ragged end of Tq or Tk (or the window's)
 
     dk *= sm_scale
     tl.store(_tile(DK, offs_n, stride_dkn, offs_d, stride_dkd), dk.to(DK.dtype.element_ty), mask=in_k)
@@ -365,113 +607,197 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq_inner(
-    dq, q, do, lse2, delta,  # dq (BLOCK_M, HEAD_DIM) f32; q, do (BLOCK_M, HEAD_DIM); lse2, delta (BLOCK_M,)
-    K, V, stride_kn, stride_kd, stride_vn, stride_vd,  # this (batch, head)'s keys and values
-    offs_m, offs_d, lo, hi, N_K, diag, qk_scale,
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr, FP32_DOT: tl.constexpr,
+    dq, q, do, lse2, delta,  # dq (BLOCK_M, BLOCK_D) f32; q, do (BLOCK_M, BLOCK_D); lse2, delta (BLOCK_M,)
+    K, V, stride_kn, stride_kd, stride_vn, stride_vd,  # this (batch, kv head)'s keys and values
+    offs_m, offs_d, in_d, lo, hi, lo2, hi2, N_K, diag, qk_scale,
+    softcap_scale, window, dropout_rows, dropout_threshold, dropout_scale,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    DROPOUT: tl.constexpr, PAD_D: tl.constexpr, MASKED: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
-    """Accumulate dQ of one query block over key blocks [lo, hi)."""
+    """Accumulate dQ of one query block over key blocks [lo, hi), and with WINDOW and MASKED
+    [lo2, hi2) after them (as the forward's inner loop)."""
     offs_n0 = tl.arange(0, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+    steps_end = hi
+    if WINDOW and MASKED:
+        steps_end = hi + (hi2 - lo2)
+    for start_n in range(lo, steps_end, BLOCK_N):
+        if WINDOW and MASKED:
+            start_n = tl.where(start_n < hi, start_n, start_n - hi + lo2)
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
         in_k = offs_n[:, None] < N_K
-        k = _load(_tile(K, offs_n, stride_kn, offs_d, stride_kd), in_k, MASKED)  # (BLOCK_N, HEAD_DIM)
-        v = _load(_tile(V, offs_n, stride_vn, offs_d, stride_vd), in_k, MASKED)  # (BLOCK_N, HEAD_DIM)
+        k = _load(_tile(K, offs_n, stride_kn, offs_d, stride_kd), in_k, in_d, MASKED, PAD_D)  # (BLOCK_N, BLOCK_D)
+        v = _load(_tile(V, offs_n, stride_vn, offs_d, stride_vd), in_k, in_d, MASKED, PAD_D)  # (BLOCK_N, BLOCK_D)
         qk = dot(q, tl.trans(k), FP32_DOT)  # (BLOCK_M, BLOCK_N)
+        if SOFTCAP:
+            qk = tanh(qk * softcap_scale)  # kept for the derivative 1 - tanh^2 below
         logits = qk * qk_scale - lse2[:, None]
         if MASKED:
-            logits = tl.where(_visible(offs_m[:, None], offs_n[None, :], N_K, diag, CAUSAL), logits, float("-inf"))
+            logits = tl.where(visible(offs_m[:, None], offs_n[None, :], N_K, diag, window, CAUSAL, WINDOW),
+                              logits, float("-inf"))
         p = tl.math.exp2(logits)  # (BLOCK_M, BLOCK_N), already normalized
+        if SOFTCAP:  # fold the cap's derivative into P now: tanh need not stay live across the next dot
+            p = p * (1.0 - qk * qk)
         dp = dot(do, tl.trans(v), FP32_DOT)  # (BLOCK_M, BLOCK_N)
+        if DROPOUT:
+            kept = dropout_kept(dropout_rows[:, None], offs_n[None, :], dropout_threshold)
+            dp = tl.where(kept, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq += dot(ds.to(k.dtype), k, FP32_DOT)  # (BLOCK_M, HEAD_DIM), scaled by the caller
+        dq += dot(ds.to(k.dtype), k, FP32_DOT)  # (BLOCK_M, BLOCK_D), scaled by the caller
     return dq
 
 
-@triton.jit(do_not_specialize=["N_Q", "N_K"])
+@triton.jit(do_not_specialize=["stride_lse_h", "N_Q", "N_K", "batch_heads", "window", "dropout_seed",
+                               "dropout_threshold"])
 def _attn_bwd_dq(
-    Q, K, V, DO, DQ, Lse, Delta,
+    Q, K, V, DO, DQ, Lse, Delta, Cu_seqlens_q, Cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, N_Q, N_K, sm_scale, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, FP32_DOT: tl.constexpr,
+    stride_lse_h, H, N_Q, N_K, batch_heads, sm_scale, qk_scale,
+    softcap_scale, window, dropout_seed, dropout_threshold, dropout_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, SPLIT_GRID: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # grid: (cdiv(Tq, BLOCK_M), B * H)
+    # grid: (cdiv(Tq, BLOCK_M), B * H), as the forward's
     start_m = tl.program_id(0)
     off_hb = tl.program_id(1)
+    if SPLIT_GRID:
+        off_hb = split_grid_batch_head(off_hb)
+        if off_hb >= batch_heads:
+            return
     off_b = (off_hb // H).to(tl.int64)
     off_h = (off_hb % H).to(tl.int64)
+    off_kv = off_h
+    if GROUP > 1:
+        off_kv = off_h // GROUP
+    if VARLEN:
+        q_start, N_Q = sequence_span(Cu_seqlens_q, off_b)
+        k_start, N_K = sequence_span(Cu_seqlens_k, off_b)
+        if start_m * BLOCK_M >= N_Q:
+            return
+        Q += q_start * stride_qm
+        DO += q_start * stride_dom
+        DQ += q_start * stride_dqm
+        K += k_start * stride_kn
+        V += k_start * stride_vn
     Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
+    K += off_b * stride_kb + off_kv * stride_kh
+    V += off_b * stride_vb + off_kv * stride_vh
     DO += off_b * stride_dob + off_h * stride_doh
     DQ += off_b * stride_dqb + off_h * stride_dqh
-    Lse += off_hb.to(tl.int64) * N_Q
-    Delta += off_hb.to(tl.int64) * N_Q
+    if VARLEN:
+        Lse += off_h * stride_lse_h + q_start
+        Delta += off_h * stride_lse_h + q_start
+    else:
+        Lse += off_hb.to(tl.int64) * N_Q
+        Delta += off_hb.to(tl.int64) * N_Q
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
     # Rows past Tq load zeros (LSE and delta too) and produce finite values never stored.
     in_q = offs_m < N_Q
-    q = tl.load(_tile(Q, offs_m, stride_qm, offs_d, stride_qd), mask=in_q[:, None], other=0.0)  # (BLOCK_M, HEAD_DIM)
-    do = tl.load(_tile(DO, offs_m, stride_dom, offs_d, stride_dod), mask=in_q[:, None], other=0.0)
+    in_d = offs_d[None, :] < HEAD_DIM
+    in_qd = in_q[:, None]
+    if HEAD_DIM < BLOCK_D:
+        in_qd = in_qd & in_d
+    q = tl.load(_tile(Q, offs_m, stride_qm, offs_d, stride_qd), mask=in_qd, other=0.0)  # (BLOCK_M, BLOCK_D)
+    do = tl.load(_tile(DO, offs_m, stride_dom, offs_d, stride_dod), mask=in_qd, other=0.0)
     lse2 = tl.load(Lse + offs_m, mask=in_q, other=0.0)  # (BLOCK_M,)
     delta = tl.load(Delta + offs_m, mask=in_q, other=0.0)  # (BLOCK_M,)
+    dropout_rows = None
+    if DROPOUT:
+        dropout_rows = dropout_row_bits(dropout_seed, off_b, off_h, offs_m)
 
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full_end, end = _key_ranges(start_m, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
-    diag = N_K - N_Q
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                            offs_m, offs_d, 0, full_end, N_K, diag, qk_scale,
-                            BLOCK_N, CAUSAL, False, FP32_DOT)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                            offs_m, offs_d, full_end, end, N_K, diag, qk_scale,
-                            BLOCK_N, CAUSAL, True, FP32_DOT)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if WINDOW:
+        lo, full_lo, full_hi, hi = _window_key_ranges(start_m, N_Q, N_K, window, BLOCK_M, BLOCK_N, CAUSAL)
+        diag = N_K - N_Q
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                offs_m, offs_d, in_d, full_lo, full_hi, None, None, N_K, diag, qk_scale,
+                                softcap_scale, window, dropout_rows, dropout_threshold, dropout_scale,
+                                BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D, False, FP32_DOT)
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                offs_m, offs_d, in_d, lo, full_lo, full_hi, hi, N_K, diag, qk_scale,
+                                softcap_scale, window, dropout_rows, dropout_threshold, dropout_scale,
+                                BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D, True, FP32_DOT)
+    else:
+        full_end, end = _key_ranges(start_m, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
+        diag = N_K - N_Q
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                offs_m, offs_d, in_d, 0, full_end, None, None, N_K, diag, qk_scale,
+                                softcap_scale, window, dropout_rows, dropout_threshold, dropout_scale,
+                                BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D, False, FP32_DOT)
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                offs_m, offs_d, in_d, full_end, end, None, None, N_K, diag, qk_scale,
+                                softcap_scale, window, dropout_rows, dropout_threshold, dropout_scale,
+                                BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D, True, FP32_DOT)
 
     dq *= sm_scale
-    tl.store(_tile(DQ, offs_m, stride_dqm, offs_d, stride_dqd), dq.to(DQ.dtype.element_ty), mask=in_q[:, None])
+    tl.store(_tile(DQ, offs_m, stride_dqm, offs_d, stride_dqd), dq.to(DQ.dtype.element_ty), mask=in_qd)
 
 
 # ---------------------------------------------------------------------------------------
-# Launchers: one kernel launch each, given its tensors and its _Launch
+# Launchers: one kernel launch each, given its tensors, the call's options and its _Launch
 # ---------------------------------------------------------------------------------------
 
-LOG2E = math.log2(math.e)
 _PREPROCESS_BLOCK_M = 32 if INTERPRET else 128
 
 
 class _Launch(NamedTuple):
-    """One kernel launch minus its tensors: kernel[grid](tensors, strides, sizes, **meta)."""
+    """One kernel launch minus its tensors: kernel[grid](tensors, strides, sizes, **options, **meta)."""
 
-    grid: tuple[int, int]
-    meta: dict  # constexprs (HEAD_DIM, CAUSAL, FP32_DOT, BLOCK_M, BLOCK_N), num_warps, num_stages
-
-
-def _run_fwd(q, k, v, out, lse, scale, launch: _Launch):
-    _attn_fwd[launch.grid](q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                           q.shape[1], q.shape[2], k.shape[2], scale * LOG2E, **launch.meta)
+    grid: tuple[int, ...]
+    # constexprs (HEAD_DIM, BLOCK_D, GROUP, the variant's switches, FP32_DOT, BLOCK_M, BLOCK_N),
+    # num_warps, num_stages, and batch_heads (the programs the grid serves, when SPLIT_GRID)
+    meta: dict
 
 
-def _run_preprocess(out, do, delta, launch: _Launch):
-    _attn_bwd_preprocess[launch.grid](out, do, delta, *out.stride(), *do.stride(), out.shape[1], out.shape[2],
+def _cu_seqlens(packing: Packing | None) -> tuple:
+    return (None, None) if packing is None else (packing.cu_seqlens_q, packing.cu_seqlens_k)
+
+
+def _lse_row(q: torch.Tensor, packing: Packing | None):
+    """stride_lse_h: with packed sequences lse is (H, total_q); dense (B, H, Tq) needs none."""
+    return None if packing is None else q.shape[0]
+
+
+def _run_fwd(q, k, v, out, lse, options: Options, packing: Packing | None, launch: _Launch):
+    packed = packing is not None
+    _attn_fwd[launch.grid](q, k, v, out, lse, *_cu_seqlens(packing),
+                           *strides(q, packed), *strides(k, packed), *strides(v, packed), *strides(out, packed),
+                           _lse_row(q, packing), q.shape[1], *lengths(q, k, packing),
+                           **arguments(options), **launch.meta)
+
+
+def _run_preprocess(out, do, delta, packing: Packing | None, launch: _Launch):
+    packed = packing is not None
+    _attn_bwd_preprocess[launch.grid](out, do, delta, _cu_seqlens(packing)[0],
+                                      *strides(out, packed), *strides(do, packed),
+                                      _lse_row(out, packing), out.shape[1], lengths(out, out, packing)[0],
                                       **launch.meta)
 
 
-def _run_dkdv(q, k, v, do, dk, dv, lse, delta, scale, launch: _Launch):
-    _attn_bwd_dkdv[launch.grid](q, k, v, do, dk, dv, lse, delta, *q.stride(), *k.stride(), *v.stride(),
-                                *do.stride(), *dk.stride(), *dv.stride(),
-                                q.shape[1], q.shape[2], k.shape[2], scale, scale * LOG2E, **launch.meta)
+def _run_dkdv(q, k, v, do, dk, dv, lse, delta, options: Options, packing: Packing | None, launch: _Launch):
+    packed = packing is not None
+    _attn_bwd_dkdv[launch.grid](q, k, v, do, dk, dv, lse, delta, *_cu_seqlens(packing),
+                                *strides(q, packed), *strides(k, packed), *strides(v, packed),
+                                *strides(do, packed), *strides(dk, packed), *strides(dv, packed),
+                                _lse_row(q, packing), k.shape[1], *lengths(q, k, packing),
+                                sm_scale=options.scale, **arguments(options), **launch.meta)
 
 
-def _run_dq(q, k, v, do, dq, lse, delta, scale, launch: _Launch):
-    _attn_bwd_dq[launch.grid](q, k, v, do, dq, lse, delta, *q.stride(), *k.stride(), *v.stride(),
-                              *do.stride(), *dq.stride(),
-                              q.shape[1], q.shape[2], k.shape[2], scale, scale * LOG2E, **launch.meta)
+def _run_dq(q, k, v, do, dq, lse, delta, options: Options, packing: Packing | None, launch: _Launch):
+    packed = packing is not None
+    _attn_bwd_dq[launch.grid](q, k, v, do, dq, lse, delta, *_cu_seqlens(packing),
+                              *strides(q, packed), *strides(k, packed), *strides(v, packed),
+                              *strides(do, packed), *strides(dq, packed),
+                              _lse_row(q, packing), q.shape[1], *lengths(q, k, packing),
+                              sm_scale=options.scale, **arguments(options), **launch.meta)
 
 
 def _empty(shape, dtype, device, nan_fill: bool) -> torch.Tensor:
@@ -481,34 +807,48 @@ def _empty(shape, dtype, device, nan_fill: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _forward(q, k, v, scale: float, plan: "_Plan"):
-    """Launch the forward kernel; returns out (B, H, Tq, D) and base-2 lse (B, H, Tq) float32."""
-    B, H, Tq, D = q.shape
+def _lse_shape(q: torch.Tensor, packing: Packing | None) -> tuple[int, ...]:
+    """(B, H, Tq), or (H, total_q) for packed sequences (FlashAttention's varlen layout)."""
+    return tuple(q.shape[:3]) if packing is None else (q.shape[1], q.shape[0])
+
+
+def _runs(launch: _Launch) -> bool:
+    """Whether a launch has programs (a grid axis of 0, e.g. no queries at all, launches nothing)."""
+    return 0 not in launch.grid
+
+
+def _forward(q, k, v, options: Options, packing: Packing | None, plan: "_Plan"):
+    """Launch the forward kernel; returns out (shaped like q) and the base-2 lse, float32 (_lse_shape)."""
     nan_fill = plan.switches.nan_fill
-    out = _empty((B, H, Tq, D), q.dtype, q.device, nan_fill)
-    lse = _empty((B, H, Tq), torch.float32, q.device, nan_fill)
-    if out.numel():
-        _run_fwd(q, k, v, out, lse, scale, plan.forward)
+    out = _empty(q.shape, q.dtype, q.device, nan_fill)
+    lse = _empty(_lse_shape(q, packing), torch.float32, q.device, nan_fill)
+    if out.numel() and _runs(plan.forward):
+        _run_fwd(q, k, v, out, lse, options, packing, plan.forward)
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, scale: float, plan: "_Plan"):
+def _backward(do, q, k, v, out, lse, options: Options, packing: Packing | None, plan: "_Plan"):
     """Launch the three backward kernels; returns dq, dk, dv shaped like q, k, v."""
-    B, H, Tq, _ = q.shape
     nan_fill = plan.switches.nan_fill
     dq = _empty(q.shape, q.dtype, q.device, nan_fill)
     dk = _empty(k.shape, k.dtype, k.device, nan_fill)
     dv = _empty(v.shape, v.dtype, v.device, nan_fill)
-    if B * H == 0:
+    if plan.batch * plan.heads == 0:
         return dq, dk, dv
     preprocess, dkdv, dq_launch = plan.backward
-    delta = _empty((B, H, Tq), torch.float32, q.device, nan_fill)
-    if Tq > 0:
-        _run_preprocess(out, do, delta, preprocess)
-    _run_dkdv(q, k, v, do, dk, dv, lse, delta, scale, dkdv)  # also when Tq == 0: it writes the zero gradients
-    if Tq > 0:
-        _run_dq(q, k, v, do, dq, lse, delta, scale, dq_launch)
+    delta = _empty(lse.shape, torch.float32, q.device, nan_fill)
+    if _runs(preprocess):  # (no queries: nothing to do but the zero dK, dV below)
+        _run_preprocess(out, do, delta, packing, preprocess)
+    if _runs(dkdv):  # also without queries: it writes the zero gradients
+        _run_dkdv(q, k, v, do, dk, dv, lse, delta, options, packing, dkdv)
+    if _runs(dq_launch):
+        _run_dq(q, k, v, do, dq, lse, delta, options, packing, dq_launch)
     return dq, dk, dv
+
+
+def _decode(q, k, v, options: Options, packing: Packing | None, plan: "_Plan") -> torch.Tensor:
+    """The split-KV decode kernels (kernels/triton_decode.py) with this plan's launch."""
+    return triton_decode.decode(q, k, v, options, packing, plan.decode)
 
 
 # ---------------------------------------------------------------------------------------
@@ -518,26 +858,42 @@ def _backward(do, q, k, v, out, lse, scale: float, plan: "_Plan"):
 
 @dataclass(eq=False)
 class _Plan:
-    """How to launch the kernels for one input signature (shapes, dtype, device, causal).
+    """How to launch the kernels for one input signature: shapes, dtype, device and the variant
+    (which of causal, window, softcap and dropout are on; their values come with each call).
 
     The forward's launch is worked out at the first forward, the backward's at the first
     backward (so inference never tunes a backward kernel), then kept.
-    configs: explicit LaunchConfigs per kernel (tests); None takes them from the table in
-    kernels/triton_configs.py, or from the tuner when switches.autotune is on.
+    configs: explicit LaunchConfigs per kernel (tests, kernels.compile_check); None takes them
+    from the table in kernels/triton_configs.py, or from the tuner when switches.autotune is on.
     """
 
-    q_shape: torch.Size  # (B, H, Tq, D)
-    kv_len: int
+    batch: int  # B, or the number of packed sequences
+    heads: int  # query heads
+    kv_heads: int
+    q_len: int  # Tq, or max_seqlen_q for packed sequences
+    kv_len: int  # Tk, or max_seqlen_k
+    head_dim: int
     dtype: torch.dtype
     device: torch.device
-    causal: bool
+    variant: tuple[bool, bool, bool, bool]  # Options.variant: causal, window, softcap, dropout on?
+    window: int | None  # sizes the decode kernel's splits (only the keys inside the window are read)
+    packed: bool
     switches: triton_runtime.Switches
     configs: dict[str, LaunchConfig] | None = None
 
     @property
+    def causal(self) -> bool:
+        return self.variant[0]
+
+    @property
     def length_class(self) -> str:
         """The config class of q_len: "decode" (<= 16), "short", "medium" or "long"."""
-        return triton_configs.length_class(self.q_shape[2])
+        return triton_configs.length_class(self.q_len)
+
+    @property
+    def block_d(self) -> int:
+        """The head dim the tiles are padded to (a power of two) and the config table is keyed by."""
+        return padded_head_dim(self.head_dim)
 
     @functools.cached_property
     def forward(self) -> _Launch:
@@ -546,18 +902,34 @@ class _Plan:
     @functools.cached_property
     def backward(self) -> tuple[_Launch, _Launch, _Launch]:
         """The preprocess, dK/dV and dQ launches."""
-        B, H, Tq, D = self.q_shape
-        preprocess = _Launch((triton.cdiv(Tq, _PREPROCESS_BLOCK_M), B * H),
-                             {"HEAD_DIM": D, "BLOCK_M": _PREPROCESS_BLOCK_M})
+        batch_heads, split_grid = batch_head_grid(self.batch * self.heads)
+        preprocess = _Launch((triton.cdiv(self.q_len, _PREPROCESS_BLOCK_M), *batch_heads),
+                             {"HEAD_DIM": self.head_dim, "BLOCK_D": self.block_d, "VARLEN": self.packed,
+                              "SPLIT_GRID": split_grid, "BLOCK_M": _PREPROCESS_BLOCK_M,
+                              "batch_heads": self.batch * self.heads if split_grid else None})
         return preprocess, self._launch("dkdv", self._config("dkdv")), self._launch("dq", self._config("dq"))
 
+    @functools.cached_property
+    def decode(self) -> triton_decode.DecodeLaunch:
+        """The split-KV decode kernels' launch (q_len <= MAX_DECODE_Q_LEN, no gradient needed)."""
+        return triton_decode.decode_launch(
+            self.batch, self.heads, self.kv_heads, self.q_len, self.kv_len, self.head_dim, self.dtype,
+            self.device, self.variant, self.window, self.packed,
+            config=None if self.configs is None else self.configs["decode"],
+        )
+
     def _launch(self, kernel: str, cfg: LaunchConfig) -> _Launch:
-        B, H, Tq, D = self.q_shape
-        # fwd and dq: one program per query block; dkdv: one per key block.
-        blocks = triton.cdiv(self.kv_len, cfg.block_n) if kernel == "dkdv" else triton.cdiv(Tq, cfg.block_m)
-        meta = dict(HEAD_DIM=D, CAUSAL=self.causal, FP32_DOT=fp32_dot(self.dtype),
-                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return _Launch((blocks, B * H), meta)
+        # fwd and dq: one program per query block and query head; dkdv: per key block and kv head.
+        heads = self.kv_heads if kernel == "dkdv" else self.heads
+        blocks = triton.cdiv(self.kv_len, cfg.block_n) if kernel == "dkdv" else triton.cdiv(self.q_len, cfg.block_m)
+        batch_heads, split_grid = batch_head_grid(self.batch * heads)
+        causal, window, softcap, dropout = self.variant
+        meta = dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, GROUP=self.heads // max(self.kv_heads, 1),
+                    CAUSAL=causal, WINDOW=window, SOFTCAP=softcap, DROPOUT=dropout, VARLEN=self.packed,
+                    SPLIT_GRID=split_grid, FP32_DOT=fp32_dot(self.dtype),
+                    BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                    batch_heads=self.batch * heads if split_grid else None)
+        return _Launch((blocks, *batch_heads), meta)
 
     def _table_config(self, kernel: str) -> tuple[str, LaunchConfig]:
         """The architecture and the committed config (the interpreter's own, without a GPU)."""
@@ -566,7 +938,14 @@ class _Plan:
         arch = triton_configs.arch_of(torch.cuda.get_device_capability(self.device))
         dtype_class = triton_configs.DTYPE_CLASSES[self.dtype]
         return arch, triton_configs.table_config(arch, kernel, dtype_class, self.causal, self.length_class,
-                                                 self.q_shape[3])
+                                                 self.block_d)
+
+    @property
+    def _plain(self) -> "_Plan":
+        """The plain attention of the same sizes (dense, one kv head per query head, no window,
+        softcap or dropout): what the tuner times. Every variant takes the plain one's configs."""
+        return _Plan(self.batch, self.heads, self.heads, self.q_len, self.kv_len, self.head_dim, self.dtype,
+                     self.device, (self.causal, False, False, False), None, False, self.switches)
 
     def _config(self, kernel: str) -> LaunchConfig:
         if self.configs is not None:
@@ -574,7 +953,9 @@ class _Plan:
         arch, table_config = self._table_config(kernel)
         if not self.switches.autotune:
             return table_config
-        head_dim, dtype_class, length = self.q_shape[3], triton_configs.DTYPE_CLASSES[self.dtype], self.length_class
+        if self.kv_heads != self.heads or self.packed or any(self.variant[1:]):
+            return self._plain._config(kernel)
+        head_dim, dtype_class, length = self.block_d, triton_configs.DTYPE_CLASSES[self.dtype], self.length_class
         configs = [table_config] if INTERPRET else triton_configs.candidates(
             arch, kernel, dtype_class, self.causal, length, head_dim)
         key = f"{arch}/{kernel}/{str(self.dtype).removeprefix('torch.')}/d{head_dim}/" \
@@ -586,8 +967,9 @@ class _Plan:
 
     def _examples(self) -> SimpleNamespace:
         """Random inputs of this signature, the forward's outputs and gradient buffers: what the tuner times on."""
-        B, H, Tq, D = self.q_shape
-        e = SimpleNamespace(scale=D**-0.5, q=torch.randn(self.q_shape, dtype=self.dtype, device=self.device))
+        B, H, Tq, D = self.batch, self.heads, self.q_len, self.head_dim
+        e = SimpleNamespace(options=Options(self.causal, D**-0.5),
+                            q=torch.randn(B, H, Tq, D, dtype=self.dtype, device=self.device))
         e.k, e.v = (torch.randn(B, H, self.kv_len, D, dtype=self.dtype, device=self.device) for _ in range(2))
         e.out, e.lse = torch.empty_like(e.q), torch.empty(B, H, Tq, device=self.device)
         # (With the table's forward config: the forward's own may be what is being tuned.)
@@ -600,11 +982,11 @@ class _Plan:
     def _run_alone(kernel: str, launch: _Launch, e: SimpleNamespace) -> None:
         """One launch of `kernel` on the examples (every kernel only writes its outputs: safe to repeat)."""
         if kernel == "fwd":
-            _run_fwd(e.q, e.k, e.v, e.out, e.lse, e.scale, launch)
+            _run_fwd(e.q, e.k, e.v, e.out, e.lse, e.options, None, launch)
         elif kernel == "dkdv":
-            _run_dkdv(e.q, e.k, e.v, e.do, e.dk, e.dv, e.lse, e.delta, e.scale, launch)
+            _run_dkdv(e.q, e.k, e.v, e.do, e.dk, e.dv, e.lse, e.delta, e.options, None, launch)
         else:
-            _run_dq(e.q, e.k, e.v, e.do, e.dq, e.lse, e.delta, e.scale, launch)
+            _run_dq(e.q, e.k, e.v, e.do, e.dq, e.lse, e.delta, e.options, None, launch)
 
 
 @functools.cache
@@ -612,20 +994,21 @@ def _tuned_configs(directory, device_name: str) -> triton_configs.TunedConfigs:
     return triton_configs.TunedConfigs(triton_configs.tuning_file(directory, device_name, triton.__version__))
 
 
-SUPPORTED_HEAD_DIMS = triton_configs.HEAD_DIMS
 SUPPORTED_DTYPES = tuple(triton_configs.DTYPE_CLASSES)
+MAX_HEAD_DIM = max(triton_configs.HEAD_DIMS)  # head dims: multiples of 8 up to this (padded to the table's)
 _MAX_PLANS = 4096  # decoding adds one signature per kv length
 _PLANS: dict[tuple, _Plan] = {}  # a cache: each plan is a pure function of its key
 
 
-def _check_supported(q: torch.Tensor, k: torch.Tensor) -> None:
+def _check_supported(q: torch.Tensor, k: torch.Tensor, packed: bool) -> None:
     """Raise ValueError for inputs these kernels cannot take.
 
     Only what is special to these kernels: the shared checks (kernels/checks.py) are not repeated.
     """
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+    head_dim = q.shape[-1]
+    if head_dim % 8 or not 8 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(
-            f"triton attention supports head_dim in {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]}; "
+            f"triton attention supports head_dim a multiple of 8 from 8 to {MAX_HEAD_DIM}, got {head_dim}; "
             "use backend='sdpa' or 'reference' for other sizes"
         )
     if q.dtype not in SUPPORTED_DTYPES:
@@ -638,31 +1021,42 @@ def _check_supported(q: torch.Tensor, k: torch.Tensor) -> None:
             "triton attention got CPU tensors, which only the Triton interpreter accepts: move them to cuda, "
             "or set TRITON_INTERPRET=1 before kernels.triton_attention is first imported"
         )
-    if k.shape[2] == 0:
+    if not packed and k.shape[2] == 0:
         raise ValueError("triton attention needs kv_len >= 1")
-    if q.shape[1] != k.shape[1]:
-        raise ValueError(
-            f"triton attention needs as many k/v heads as q heads, got {k.shape[1]} and {q.shape[1]}; "
-            "use backend='sdpa' or 'reference' for grouped-query attention"
-        )
 
 
-def _plan_for(q, k, v, causal: bool) -> _Plan:
+def _plan_for(q, k, v, options: Options, packing: Packing | None = None) -> _Plan:
     """The plan for these inputs. The first time their signature is seen, the inputs are
     checked (the shared checks, then _check_supported); later calls with it are trusted."""
     switches = triton_runtime.SWITCHES
+    bounds = None if packing is None else (packing.max_seqlen_q, packing.max_seqlen_k)
     try:
-        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, causal, switches)
-    except AttributeError:  # not tensors: check_attention_inputs says so below
+        key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+               options.variant, options.window, bounds, switches)
+    except AttributeError:  # not tensors: the checks below say so
         key = None
     plan = _PLANS.get(key)
     if plan is None:
-        check_attention_inputs(q, k, v, causal)
-        _check_supported(q, k)
+        if packing is None:
+            check_attention_inputs(q, k, v, options.causal)
+            batch, q_len, kv_len = q.shape[0], q.shape[2], k.shape[2]
+        else:
+            check_varlen_inputs(q, k, v, *packing, options.causal)
+            batch, (q_len, kv_len) = packing.sequences, bounds
+        _check_supported(q, k, packing is not None)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        plan = _PLANS[key] = _Plan(q.shape, k.shape[2], q.dtype, q.device, causal, switches)
+        plan = _PLANS[key] = _Plan(batch, q.shape[1], k.shape[1], q_len, kv_len, q.shape[-1], q.dtype, q.device,
+                                   options.variant, options.window, packing is not None, switches)
     return plan
+
+
+def _decodes(q_len: int, options: Options, needs_grad: bool) -> bool:
+    """The one routing rule, for eager and traced calls alike: a few new queries against a KV
+    cache (q_len <= MAX_DECODE_Q_LEN, max_seqlen_q for packed sequences) that nothing will
+    differentiate and that drop nothing go to the split-KV decode kernel; the rest to the
+    FlashAttention forward (which saves what the backward needs)."""
+    return q_len <= MAX_DECODE_Q_LEN and not needs_grad and options.dropout_p == 0
 
 
 # ---------------------------------------------------------------------------------------
@@ -672,94 +1066,156 @@ def _plan_for(q, k, v, causal: bool) -> _Plan:
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, plan: _Plan):
-        out, lse = _forward(q, k, v, scale, plan)
+    def forward(ctx, q, k, v, options: Options, packing: Packing | None, plan: _Plan):
+        out, lse = _forward(q, k, v, options, packing, plan)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.plan = scale, plan
+        ctx.options, ctx.packing, ctx.plan = options, packing, plan
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(grad_out, q, k, v, out, lse, ctx.scale, ctx.plan)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _backward(grad_out, q, k, v, out, lse, ctx.options, ctx.packing, ctx.plan)
+        return dq, dk, dv, None, None, None
 
 
 # ---------------------------------------------------------------------------------------
 # The traced path: torch.library custom ops, for torch.compile
 # ---------------------------------------------------------------------------------------
+# The ops take the options and the packing as separate arguments (a schema has no structs):
+# window and softcap None when off; cu_seqlens None for dense inputs.
+
+
+def _packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> Packing | None:
+    return None if cu_seqlens_q is None else Packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 @torch.library.custom_op("gpt_kernels::flash_attn_fwd", mutates_args=())
 def flash_attn_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+    window: int | None = None, softcap: float | None = None, dropout_p: float = 0.0, dropout_seed: int = 0,
+    cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """out (B, H, Tq, D) in q's dtype, and lse (B, H, Tq) float32 for the backward.
+    """out (shaped like q) in q's dtype, and lse float32 for the backward: (B, H, Tq), or
+    (H, total_q) for packed sequences (cu_seqlens given).
 
-    lse is the base-2 log-sum-exp of the scaled scores: log2(sum_j 2**(s_ij * log2(e)))
-    for s = scale * q k^T (masked), i.e. the natural logsumexp times log2(e).
+    lse is the base-2 log-sum-exp of the scaled (capped, masked) scores: log2(sum_j 2**(s_ij * log2(e)))
+    for s = scale * q k^T, i.e. the natural logsumexp times log2(e).
     """
-    return _forward(q, k, v, scale, _plan_for(q, k, v, causal))
+    options = Options(causal, scale, window, softcap, dropout_p, dropout_seed)
+    packing = _packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return _forward(q, k, v, options, packing, _plan_for(q, k, v, options, packing))
 
 
 @flash_attn_fwd.register_fake
-def _(q, k, v, causal, scale):
-    _check_supported(q, k)  # at trace time: fail while compiling, not at the first run
-    B, H, Tq, D = q.shape
-    return q.new_empty((B, H, Tq, D)), q.new_empty((B, H, Tq), dtype=torch.float32)
+def _(q, k, v, causal, scale, window=None, softcap=None, dropout_p=0.0, dropout_seed=0,
+      cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    packing = _packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    _check_supported(q, k, packing is not None)  # at trace time: fail while compiling, not at the first run
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, packing), dtype=torch.float32)
 
 
 @torch.library.custom_op("gpt_kernels::flash_attn_bwd", mutates_args=())
 def flash_attn_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+    window: int | None = None, softcap: float | None = None, dropout_p: float = 0.0, dropout_seed: int = 0,
+    cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (contiguous, in the inputs' dtype) from the forward's out and lse."""
-    return _backward(grad_out, q, k, v, out, lse, scale, _plan_for(q, k, v, causal))
+    options = Options(causal, scale, window, softcap, dropout_p, dropout_seed)
+    packing = _packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return _backward(grad_out, q, k, v, out, lse, options, packing, _plan_for(q, k, v, options, packing))
 
 
 @flash_attn_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, causal, scale):
+def _(grad_out, q, k, v, out, lse, *args):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, *options, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.options, ctx.max_seqlens = options, (max_seqlen_q, max_seqlen_k)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward_rule(ctx, grad_out, grad_lse):
     # lse is an auxiliary output for the backward pass; it is not differentiable.
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = flash_attn_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    dq, dk, dv = flash_attn_bwd(grad_out, q, k, v, out, lse, *ctx.options, cu_seqlens_q, cu_seqlens_k,
+                                *ctx.max_seqlens)
+    return dq, dk, dv, *[None] * 10
 
 
 flash_attn_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
+@torch.library.custom_op("gpt_kernels::flash_attn_decode", mutates_args=())
+def flash_attn_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+    window: int | None = None, softcap: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+) -> torch.Tensor:
+    """The split-KV decode kernels' out (shaped like q): inference only, q_len <= MAX_DECODE_Q_LEN."""
+    options = Options(causal, scale, window, softcap)
+    packing = _packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return _decode(q, k, v, options, packing, _plan_for(q, k, v, options, packing))
+
+
+@flash_attn_decode.register_fake
+def _(q, k, v, causal, scale, window=None, softcap=None, cu_seqlens_q=None, cu_seqlens_k=None,
+      max_seqlen_q=0, max_seqlen_k=0):
+    _check_supported(q, k, cu_seqlens_q is not None)
+    return q.new_empty(q.shape)
+
+
 # ---------------------------------------------------------------------------------------
-# Entry point
+# Entry points
 # ---------------------------------------------------------------------------------------
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float) -> torch.Tensor:
-    """Fused softmax(scale * q k^T [+ causal mask]) v for q (B, H, Tq, D), k/v (B, H, Tk, D).
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+    window: int | None = None, softcap: float | None = None, dropout_p: float = 0.0, dropout_seed: int = 0,
+) -> torch.Tensor:
+    """Fused softmax(scale * q k^T [+ masks]) v for q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D).
 
-    Differentiable; any strides are accepted (no copies). Returns (B, H, Tq, D) in q's dtype.
-    The inputs are checked the first time their signature (shapes, dtypes, devices, causal)
-    is seen; kernels.attention is the usual way in, and supplies the default scale.
+    Differentiable; any strides are accepted (no copies). Returns (B, Hq, Tq, D) in q's dtype.
+    The options mean what kernels.attention says; kernels.attention is the usual way in, and
+    validates them (here the inputs are checked the first time their signature is seen).
     """
-    if torch.compiler.is_compiling():  # traced: the custom op, which torch.compile sees through
-        return flash_attn_fwd(q, k, v, causal, scale)[0]
-    plan = _plan_for(q, k, v, causal)
+    return _attend(q, k, v, Options(causal, scale, window, softcap, dropout_p, dropout_seed), None)
+
+
+def varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, *, causal: bool, scale: float,
+    window: int | None = None, softcap: float | None = None, dropout_p: float = 0.0, dropout_seed: int = 0,
+) -> torch.Tensor:
+    """attention() over packed sequences, q (total_q, Hq, D), k/v (total_k, Hkv, D), as
+    kernels.varlen_attention describes them (which also checks the cu_seqlens' contents)."""
+    options = Options(causal, scale, window, softcap, dropout_p, dropout_seed)
+    return _attend(q, k, v, options, Packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+
+
+def _attend(q, k, v, options: Options, packing: Packing | None) -> torch.Tensor:
+    packed = () if packing is None else tuple(packing)
+    if torch.compiler.is_compiling():  # traced: the custom ops, which torch.compile sees through
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        q_len = q.shape[2] if packing is None else packing.max_seqlen_q
+        if _decodes(q_len, options, needs_grad):
+            return flash_attn_decode(q, k, v, *options[:4], *packed)
+        return flash_attn_fwd(q, k, v, *options, *packed)[0]
+    plan = _plan_for(q, k, v, options, packing)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _FlashAttention.apply(q, k, v, scale, plan)
+        return _FlashAttention.apply(q, k, v, options, packing, plan)
     # Nothing to differentiate: skip autograd's bookkeeping.
-    if q.shape[2] <= MAX_DECODE_Q_LEN:  # a few new queries against a KV cache: split the keys instead
-        return decode_attention(q, k, v, causal=causal, scale=scale)
-    return _forward(q, k, v, scale, plan)[0]
+    if _decodes(plan.q_len, options, needs_grad=False):
+        return _decode(q, k, v, options, packing, plan)
+    return _forward(q, k, v, options, packing, plan)[0]

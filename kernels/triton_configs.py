@@ -8,7 +8,8 @@ shape only compiles: nothing is benchmarked unless you ask for it. The table is 
     dtype class   "16-bit" (float16 and bfloat16: same size, same tensor-core path) or "float32"
     causal        True / False
     length class  of q_len: "decode" (<= 16), "short" (<= 1k), "medium" (<= 4k), "long"
-    head dim      16 .. 256
+    head dim      16 .. 256 (other multiples of 8 take the row of the next power of two, to which
+                  the kernels pad their tiles)
 
 Rows whose causal or length class is ANY apply to every value; a more specific row wins.
 Decoding (q_len 1 to 16 against any kv_len) is one class, so a growing KV cache never
@@ -40,7 +41,14 @@ from typing import NamedTuple
 import torch
 
 KERNELS = ("fwd", "dkdv", "dq", "decode")
-TUNED_KERNELS = ("fwd", "dkdv", "dq")  # what GPT_KERNELS_AUTOTUNE=1 tunes; decode always uses the table
+# What GPT_KERNELS_AUTOTUNE=1 tunes, and the block sizes (BLOCK_M, BLOCK_N) it tries for each;
+# decode always uses the table (one config for every cache length, so decoding never tunes).
+CANDIDATE_BLOCKS = {
+    "fwd": ((128, 64), (64, 128, 32)),
+    "dkdv": ((32, 64), (128, 64)),
+    "dq": ((128, 64), (32, 64)),
+}
+TUNED_KERNELS = tuple(CANDIDATE_BLOCKS)
 ARCHS = ("sm90", "sm80", "generic")
 DTYPE_CLASSES = {torch.float32: "float32", torch.float16: "16-bit", torch.bfloat16: "16-bit"}
 ELEMENT_SIZE = {"16-bit": 2, "float32": 4}
@@ -226,11 +234,7 @@ def candidates(
     arch: str, kernel: str, dtype_class: str, causal: bool, length: str, head_dim: int
 ) -> list[LaunchConfig]:
     """What GPT_KERNELS_AUTOTUNE=1 benchmarks: the table's config first, then every fitting variant."""
-    block_ms, block_ns = {
-        "fwd": ((128, 64), (64, 128, 32)),
-        "dkdv": ((32, 64), (128, 64)),
-        "dq": ((128, 64), (32, 64)),
-    }[kernel]
+    block_ms, block_ns = CANDIDATE_BLOCKS[kernel]  # KeyError for a kernel that is never tuned
     variants = [LaunchConfig(m, n, w, s) for m in block_ms for n in block_ns for w in (4, 8) for s in (2, 3, 4)]
     if arch == "sm90":  # the tutorial's rule: on Hopper 8 warps only pay off on 128x128 tiles and up
         variants = [c for c in variants if c.num_warps == 4 or c.block_m * c.block_n >= 128 * 128]

@@ -37,5 +37,9 @@ def dropout_row_bits(seed, batch, head, query):
 
 @triton.jit
 def dropout_kept(row_bits, key, threshold):
-    """True where the probability of (row, key) survives: the hash is at or above threshold."""
-    return dropout_hash32(row_bits ^ key.to(tl.uint32)).to(tl.int64) >= threshold
+    """True where the probability of (row, key) survives: the hash is at or above threshold.
+
+    threshold is kernels.dropout.drop_threshold(p), in any integer type that holds its 32 bits
+    (the attention kernels pass it as the int32 with those bits): compared as uint32.
+    """
+    return dropout_hash32(row_bits ^ key.to(tl.uint32)) >= threshold.to(tl.uint32)

@@ -133,6 +133,22 @@ def shakespeare_path() -> Path:
 
 
 # ---------------------------------------------------------------------------------------
+# Tests that need a GPU
+# ---------------------------------------------------------------------------------------
+
+CUDA = torch.cuda.is_available()
+# Marked `cuda` (pytest.ini), which `pytest -m cuda` selects on a GPU; skipped without one.
+CUDA_MARKS = (pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (pytest -m cuda runs these)"))
+
+
+def cuda_only(test):
+    """Decorate a test that only runs on a GPU with CUDA_MARKS."""
+    for mark in CUDA_MARKS:
+        test = mark(test)
+    return test
+
+
+# ---------------------------------------------------------------------------------------
 # Attention: random inputs and an independent float64 oracle
 # ---------------------------------------------------------------------------------------
 

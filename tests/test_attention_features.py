@@ -2,12 +2,17 @@
 
 The features: grouped-query attention, a sliding window, a logit softcap, packed
 variable-length sequences, causal or not, dropout. All 64 combinations run on the
-reference backend (exact in every dtype: tolerances.assert_exact_in_dtype) and on sdpa
-where it can express them (the ratio rule of tests/tolerances.py), outputs and all three
-gradients, in float32, float16 and bfloat16. The oracle (tests/helpers.py) loops over every
-(batch, head, query) and shares no code with kernels/. Edge cases follow: windows of 1 and
-longer than the sequence, MQA, q_len != kv_len, empty and length-1 sequences, head dims
-8/80/96/128, float16 scores beyond float16's range.
+reference backend (exact in every dtype: tolerances.assert_exact_in_dtype), on triton
+(through Triton's interpreter without CUDA) and on sdpa where it can express them (the
+ratio rule of tests/tolerances.py), outputs and all three gradients, in float32, float16
+and bfloat16. The oracle (tests/helpers.py) loops over every (batch, head, query) and
+shares no code with kernels/. Edge cases follow: windows of 1 and longer than the
+sequence, MQA, q_len != kv_len, empty and length-1 sequences, head dims 8/80/96/128,
+float16 scores beyond float16's range.
+
+The shapes are small (the interpreter runs every program of a launch in Python), but they
+cross the interpreter's 16- and 32-row blocks where it matters: tests/test_triton_attention.py
+sweeps the triton kernels' block edges with the same oracle.
 """
 
 import itertools
@@ -23,7 +28,15 @@ from kernels import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FEATURES = ("gqa", "window", "softcap", "varlen", "causal", "dropout")
-SDPA_LACKS = {"softcap", "dropout"}  # refused by the sdpa backend
+BACKENDS = ("reference", "sdpa", "triton")  # triton without CUDA: through Triton's interpreter
+if torch.cuda.is_available():  # compiled Triton cannot read the CPU tensors these tests make
+    BACKENDS = ("reference", "sdpa")
+
+
+def serving(features) -> tuple[str, ...]:
+    """The backends that serve a call with these features (kernels.FEATURES; causal is plain)."""
+    needs = set(features) - {"causal"}
+    return tuple(backend for backend in BACKENDS if needs <= kernels.FEATURES[backend])
 
 
 @dataclass
@@ -77,7 +90,7 @@ def make_case(features, dtype, seed=0, **overrides) -> Case:
     return Case(make_qkv(2, 4, 5, 8, 16, kv_heads=kv_heads, dtype=dtype, seed=seed), options, varlen=False)
 
 
-def check(case: Case, backends=("reference", "sdpa")):
+def check(case: Case, backends=BACKENDS):
     """The reference exact in its dtype, the other backends within the ratio rule, for out and grads."""
     exact = case.oracle()
     dtype = case.inputs[0].dtype
@@ -103,12 +116,10 @@ COMBINATIONS = [tuple(f for f, on in zip(FEATURES, bits) if on) for bits in iter
 @pytest.mark.parametrize("features", COMBINATIONS, ids=combination_id)
 def test_every_combination(features, dtype):
     case = make_case(features, dtype)
-    if SDPA_LACKS & set(features):
-        check(case, backends=("reference",))
-        with pytest.raises(ValueError, match="not supported by the sdpa backend"):
-            case.backend("sdpa")
-    else:
-        check(case)
+    check(case, backends=serving(features))
+    for backend in set(BACKENDS) - set(serving(features)):
+        with pytest.raises(ValueError, match=f"not supported by the {backend} backend"):
+            case.backend(backend)
 
 
 @pytest.mark.parametrize("features", [(), ("gqa", "window", "softcap", "dropout", "causal")], ids=combination_id)
@@ -129,13 +140,13 @@ def test_windows_from_one_key_to_longer_than_the_sequence(window, causal):
     check(case)
     if window >= 8 + 5:  # longer than any query's distance to key 0: the same as no window
         plain = make_case(("gqa",), torch.float32, causal=causal)
-        for backend in ("reference", "sdpa"):
+        for backend in BACKENDS:
             torch.testing.assert_close(case.backend(backend)[0], plain.backend(backend)[0], rtol=0, atol=0)
 
 
 def test_causal_window_of_one_returns_each_querys_own_value():
     q, k, v = make_qkv(1, 2, 6, 6, 8)
-    for backend in ("reference", "sdpa"):
+    for backend in BACKENDS:
         out = kernels.attention(q, k, v, causal=True, window=1, backend=backend)
         torch.testing.assert_close(out, v, rtol=0, atol=1e-6)
 
@@ -152,8 +163,8 @@ def test_head_groupings_and_lengths(kv_heads, q_len, kv_len, causal):
 
 def test_gqa_equals_attention_with_the_kv_heads_repeated():
     """Query head h reads kv head h // (Hq // Hkv): the same as repeat_interleave'd k and v."""
-    q, k, v = make_qkv(2, 6, 5, 7, 8, kv_heads=2, dtype=torch.float64)
-    for backend in ("reference", "sdpa"):
+    q, k, v = make_qkv(2, 6, 5, 7, 8, kv_heads=2)
+    for backend in BACKENDS:
         grouped = kernels.attention(q, k, v, backend=backend)
         repeated = kernels.attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), backend=backend)
         torch.testing.assert_close(grouped, repeated)
@@ -175,14 +186,14 @@ def test_ragged_sequences_with_empty_and_length_one(causal):
 
 def test_all_sequences_empty():
     q, k, v, cq, ck, mq, mk = make_varlen([0, 0], [0, 0], 2, 8)
-    for backend in ("reference", "sdpa"):
+    for backend in BACKENDS:
         assert kernels.varlen_attention(q, k, v, cq, ck, mq, mk, backend=backend).shape == (0, 2, 8)
 
 
 def test_a_sequence_with_queries_but_no_keys_gives_zeros():
     q, k, v, cq, ck, mq, mk = make_varlen([2, 3], [4, 0], 2, 8)
     first = [t.transpose(0, 1)[None] for t in (q[:2], k, v)]  # sequence 0 as a dense (1, H, T, D) call
-    for backend in ("reference", "sdpa"):
+    for backend in BACKENDS:
         out = kernels.varlen_attention(q, k, v, cq, ck, mq, mk, causal=False, backend=backend)
         assert torch.equal(out[2:], torch.zeros_like(out[2:]))
         dense = kernels.attention(*first, causal=False, backend=backend)
@@ -191,8 +202,8 @@ def test_a_sequence_with_queries_but_no_keys_gives_zeros():
 
 def test_varlen_equals_dense_attention_per_sequence():
     """No sequence sees another's keys, and each is aligned bottom-right on its own."""
-    q, k, v, cq, ck, mq, mk = make_varlen([3, 5], [6, 5], 4, 16, kv_heads=2, dtype=torch.float64)
-    for backend in ("reference", "sdpa"):
+    q, k, v, cq, ck, mq, mk = make_varlen([3, 5], [6, 5], 4, 16, kv_heads=2)
+    for backend in BACKENDS:
         packed = kernels.varlen_attention(q, k, v, cq, ck, mq, mk, window=4, backend=backend)
         for s in range(2):
             q_s, k_s, v_s = (t[c[s] : c[s + 1]].transpose(0, 1)[None] for t, c in ((q, cq), (k, ck), (v, ck)))
@@ -200,10 +211,11 @@ def test_varlen_equals_dense_attention_per_sequence():
             torch.testing.assert_close(packed[cq[s] : cq[s + 1]], dense)
 
 
-def test_max_seqlen_may_be_an_upper_bound():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_seqlen_may_be_an_upper_bound(backend):
     q, k, v, cq, ck, mq, mk = make_varlen([3, 5], [3, 5], 2, 8)
-    exact = kernels.varlen_attention(q, k, v, cq, ck, mq, mk, backend="reference")
-    assert torch.equal(kernels.varlen_attention(q, k, v, cq, ck, 100, 100, backend="reference"), exact)
+    exact = kernels.varlen_attention(q, k, v, cq, ck, mq, mk, backend=backend)
+    assert torch.equal(kernels.varlen_attention(q, k, v, cq, ck, 100, 100, backend=backend), exact)
 
 
 def test_softcap_bounds_the_scores():
@@ -215,7 +227,7 @@ def test_softcap_bounds_the_scores():
     torch.testing.assert_close(weights.sum(-1), torch.ones(1, 1, 4, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_float16_scores_beyond_its_range(backend):
     """|q.k| up to ~1e5 overflows float16 (max 65,504); scaled by 1/4 the scores fit, so the answer exists."""
     q, k, v = make_qkv(1, 2, 12, 12, 16, dtype=torch.float16, scale_inputs=100.0, seed=3)
@@ -228,10 +240,10 @@ def test_float16_scores_beyond_its_range(backend):
         if backend == "reference":
             assert_exact_in_dtype(f"reference {name}", a, e)
         else:
-            assert_close_to_reference(f"sdpa {name}", a, e, case.baseline()[("out", "dq", "dk", "dv").index(name)])
+            assert_close_to_reference(f"{backend} {name}", a, e, case.baseline()[("out", "dq", "dk", "dv").index(name)])
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_gqa_inputs(backend):
     """A fused projection's strided q/k/v views (fewer k/v heads than q) need no copies to be right."""
     q, k, v = make_qkv(2, 4, 9, 9, 16, kv_heads=2, layout="fused_qkv")
@@ -239,7 +251,7 @@ def test_non_contiguous_gqa_inputs(backend):
     check(Case((q, k, v), {"causal": True, "window": 3}, varlen=False), backends=(backend,))
 
 
-@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch_and_heads(backend):
     for shape_q, shape_kv in [((0, 4, 5, 8), (0, 2, 5, 8)), ((2, 0, 5, 8), (2, 0, 5, 8))]:
         q = torch.randn(shape_q, requires_grad=True)

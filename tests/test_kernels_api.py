@@ -77,6 +77,7 @@ def test_auto_resolves_by_device():
     assert set(kernels.BACKENDS) == {"reference", "sdpa", "triton"}
     assert set(kernels.FEATURES) == set(kernels.BACKENDS)
     assert kernels.FEATURES["reference"] == {"gqa", "window", "softcap", "dropout", "varlen"}
+    assert kernels.FEATURES["triton"] == kernels.FEATURES["reference"]
 
 
 @pytest.mark.parametrize(
@@ -87,8 +88,8 @@ def test_auto_resolves_by_device():
         ("cpu", {"softcap"}, "reference"),
         ("cpu", {"window", "dropout"}, "reference"),
         ("cuda", set(), "triton"),
-        ("cuda", {"window"}, "sdpa"),  # the first of triton, sdpa, reference that does windows
-        ("cuda", {"softcap"}, "reference"),
+        ("cuda", {"window"}, "triton"),  # the first of triton, sdpa, reference that does windows
+        ("cuda", {"gqa", "softcap", "dropout", "varlen"}, "triton"),
     ],
 )
 def test_auto_takes_the_first_backend_that_can_serve_the_call(device, needs, chosen):
@@ -201,25 +202,14 @@ def test_what_sdpa_cannot_express_is_refused(options, message):
     one_line_error(lambda: kernels.attention(q, k, v, backend="sdpa", **options), message)
 
 
-@pytest.mark.parametrize(
-    "options, kv_heads, message",
-    [
-        ({"window": 2}, 2, "window= is not supported by the triton backend; use backend='reference' or 'sdpa'"),
-        ({"softcap": 30.0}, 2, "softcap= is not supported by the triton backend; use backend='reference'"),
-        ({"dropout_p": 0.1}, 2, "dropout_p > 0 is not supported by the triton backend; use backend='reference'"),
-        ({}, 1, "grouped-query attention (k and v with fewer heads than q) is not supported by the triton backend"),
-    ],
-)
-def test_what_triton_does_not_do_is_refused(options, kv_heads, message):
-    q, k, v = make_qkv(1, 2, 4, 4, 16, kv_heads=kv_heads)
-    one_line_error(lambda: kernels.attention(q, k, v, backend="triton", **options), message)
-
-
-def test_varlen_on_triton_is_refused():
-    packed = make_varlen([2, 3], [2, 3], 2, 16)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors need the interpreter")
+@pytest.mark.parametrize("head_dim", [12, 264])
+def test_head_dims_triton_cannot_take_are_refused(head_dim):
+    q, k, v = make_qkv(1, 2, 4, 4, head_dim, kv_heads=1)
     one_line_error(
-        lambda: kernels.varlen_attention(*packed, backend="triton"),
-        "varlen_attention is not supported by the triton backend; use backend='reference' or 'sdpa'",
+        lambda: kernels.attention(q, k, v, backend="triton", window=2),
+        f"triton attention supports head_dim a multiple of 8 from 8 to 256, got {head_dim}; "
+        "use backend='sdpa' or 'reference' for other sizes",
     )
 
 

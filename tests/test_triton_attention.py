@@ -8,6 +8,7 @@ tests/tolerances.py. The CUDA cases are the same tests on device="cuda", plus bi
 shapes that only make sense on a GPU, and a run of every autotuning candidate.
 """
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -17,18 +18,17 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import make_qkv
+from helpers import CUDA, CUDA_MARKS, cuda_only, make_qkv, make_varlen
 from tolerances import assert_close_to_reference, lse_recompute_atol
 
 import kernels
-from kernels import reference, triton_attention, triton_configs, triton_runtime  # without CUDA: warns (interpreter)
+from kernels import reference, triton_attention, triton_common, triton_configs, triton_runtime  # warns: interpreter
+from kernels.triton_common import Options
 from kernels.triton_configs import LaunchConfig
 
-CUDA = torch.cuda.is_available()
 # With CUDA the kernels are compiled, and compiled Triton cannot read CPU tensors.
 interpreter_only = pytest.mark.skipif(not triton_attention.INTERPRET, reason="compiled Triton needs CUDA tensors")
-cuda_only = pytest.mark.skipif(not CUDA, reason="needs CUDA")
-DEVICES = [pytest.param("cpu", marks=interpreter_only), pytest.param("cuda", marks=cuda_only)]
+DEVICES = [pytest.param("cpu", marks=interpreter_only), pytest.param("cuda", marks=CUDA_MARKS)]
 
 
 @pytest.fixture(autouse=True)
@@ -47,29 +47,69 @@ def attention_and_grads(fn, q, k, v, do, **kwargs):
     return (out.detach(), *grads)
 
 
-def check_against_reference(q, k, v, *, causal, scale=None, do=None, triton_fn=None, grad_atol=None):
+def check_against_reference(q, k, v, *, causal, scale=None, do=None, triton_fn=None, grad_atol=None, **options):
     """Run the Triton backend forward + backward and compare all four results to float64.
 
     do: the output gradient (default: random); triton_fn(q, k, v, do) -> (out, dq, dk, dv)
     replaces the public entry point; grad_atol(expected_grad) -> float is an extra
-    allowance for the gradients (default none). Returns the Triton results.
+    allowance for the gradients (default none); options: window, softcap, dropout_p and
+    dropout_seed, as kernels.attention takes them. Returns the Triton results.
     """
     scale_f = q.shape[-1] ** -0.5 if scale is None else scale
     if do is None:
         do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype).to(q.device)
 
     if triton_fn is None:
-        got = attention_and_grads(kernels.attention, q, k, v, do, causal=causal, scale=scale, backend="triton")
+        got = attention_and_grads(
+            kernels.attention, q, k, v, do, causal=causal, scale=scale, backend="triton", **options
+        )
     else:
         got = triton_fn(q, k, v, do)
-    exact = attention_and_grads(reference.attention, *(t.double() for t in (q, k, v, do)), causal=causal, scale=scale_f)
+    exact = attention_and_grads(
+        reference.attention, *(t.double() for t in (q, k, v, do)), causal=causal, scale=scale_f, **options
+    )
     # The same reference in the tested dtype sets how much error that dtype forces.
-    baseline = attention_and_grads(reference.attention, q, k, v, do, causal=causal, scale=scale_f, upcast=False)
+    baseline = attention_and_grads(
+        reference.attention, q, k, v, do, causal=causal, scale=scale_f, upcast=False, **options
+    )
     for name, a, e, b in zip(("out", "dq", "dk", "dv"), got, exact, baseline):
         assert a.dtype == q.dtype and a.device == q.device
         extra = grad_atol(e) if grad_atol is not None and name != "out" else 0.0
         assert_close_to_reference(name, a, e, b, extra_atol=extra)
     return got
+
+
+def check_varlen_against_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options):
+    """check_against_reference for packed sequences (kernels.reference.varlen_attention: each
+    sequence as its own dense call, sequence s as batch row s of the dropout mask)."""
+    packing = dict(
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k
+    )
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype).to(q.device)
+    got = attention_and_grads(kernels.varlen_attention, q, k, v, do, **packing, backend="triton", **options)
+
+    def reference_in(dtype, **extra):
+        def attend(q, k, v):
+            return reference.varlen_attention(q, k, v, **packing, scale=q.shape[-1] ** -0.5, **options, **extra)
+
+        return attention_and_grads(attend, *(t.to(dtype) for t in (q, k, v, do)))
+
+    exact, baseline = reference_in(torch.float64), reference_in(q.dtype, upcast=False)
+    for name, a, e, b in zip(("out", "dq", "dk", "dv"), got, exact, baseline):
+        assert a.dtype == q.dtype and a.device == q.device
+        assert_close_to_reference(name, a, e, b)
+    return got
+
+
+def check_inference_against_reference(q, k, v, *, causal, **options):
+    """The triton backend without gradients (q_len <= 16 takes the decode kernel) against float64."""
+    scale = q.shape[-1] ** -0.5
+    with torch.no_grad():
+        out = kernels.attention(q, k, v, causal=causal, backend="triton", **options)
+        exact = reference.attention(*(t.double() for t in (q, k, v)), causal=causal, scale=scale, **options)
+        baseline = reference.attention(q, k, v, causal=causal, scale=scale, upcast=False, **options)
+    assert_close_to_reference("out", out, exact, baseline)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -167,21 +207,16 @@ def test_custom_scale(device, scale, causal):
     check_against_reference(q, k, v, causal=causal, scale=scale)
 
 
-def with_configs(fwd, dkdv, dq, causal, scale):
+def with_configs(fwd, dkdv, dq, causal, scale, **options):
     """triton_fn for check_against_reference: the launchers with the given LaunchConfigs."""
+    options = Options(causal, scale, **options)
 
     def run(q, k, v, do):
-        plan = triton_attention._Plan(
-            q.shape,
-            k.shape[2],
-            q.dtype,
-            q.device,
-            causal,
-            triton_runtime.Switches(),
-            configs={"fwd": fwd, "dkdv": dkdv, "dq": dq},
+        plan = dataclasses.replace(
+            triton_attention._plan_for(q, k, v, options), configs={"fwd": fwd, "dkdv": dkdv, "dq": dq}
         )
-        out, lse = triton_attention._forward(q, k, v, scale, plan)
-        return (out, *triton_attention._backward(do, q, k, v, out, lse, scale, plan))
+        out, lse = triton_attention._forward(q, k, v, options, None, plan)
+        return (out, *triton_attention._backward(do, q, k, v, out, lse, options, None, plan))
 
     return run
 
@@ -205,6 +240,99 @@ def blocks(m, n):
 def test_block_shapes(device, fwd, dkdv, dq, q_len, kv_len, causal):
     q, k, v = make_qkv(1, 1, q_len, kv_len, 16, dtype=torch.float32, device=device)
     check_against_reference(q, k, v, causal=causal, scale=0.2, triton_fn=with_configs(fwd, dkdv, dq, causal, 0.2))
+
+
+# Windows around the interpreter's 16/32 blocks: one key, a block minus one, a block, a block
+# plus one, two blocks plus one; each against block shapes in both orders.
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window", [1, 15, 16, 17, 33])
+@pytest.mark.parametrize(
+    "fwd, dkdv, dq",
+    [
+        pytest.param(None, None, None, id="table"),
+        pytest.param(blocks(16, 32), blocks(32, 16), blocks(32, 16), id="swapped"),
+    ],
+)
+@pytest.mark.parametrize("q_len, kv_len, causal", [(50, 80, True), (83, 50, False)])
+def test_window_edges(device, window, fwd, dkdv, dq, q_len, kv_len, causal):
+    q, k, v = make_qkv(1, 1, q_len, kv_len, 16, dtype=torch.float32, device=device, seed=window)
+    triton_fn = None if fwd is None else with_configs(fwd, dkdv, dq, causal, 0.25, window=window)
+    check_against_reference(q, k, v, causal=causal, scale=0.25, window=window, triton_fn=triton_fn)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_keys_outside_every_window_are_never_read(device, causal):
+    """Key blocks no query's window reaches are skipped, not masked: filled with NaN (which a
+    masked load-and-multiply would spread), they leave out, dq, dk and dv exact, and their own
+    dk and dv exactly 0. The last 40 queries see keys from 300 - 40 - 24 + 1 = 237 on."""
+    q, k, v = make_qkv(1, 2, 40, 300, 16, kv_heads=1, dtype=torch.float32, device=device)
+    nan_k, nan_v = k.clone(), v.clone()
+    nan_k[:, :, :224], nan_v[:, :, :224] = float("nan"), float("nan")  # 224: the last multiple of 32 below 237
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    clean = check_against_reference(q, k, v, causal=causal, window=24, do=do)
+    got = attention_and_grads(kernels.attention, q, nan_k, nan_v, do, causal=causal, window=24, backend="triton")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, clean):
+        assert torch.equal(a, b), f"{name} changed when keys outside every window became NaN"
+    assert torch.equal(got[2][:, :, :224], torch.zeros_like(got[2][:, :, :224]))
+    with torch.no_grad():  # the decode kernel, for the last 16 queries
+        out = kernels.attention(q[:, :, -16:], nan_k, nan_v, causal=causal, window=24, backend="triton")
+        expected = kernels.attention(q[:, :, -16:], k, v, causal=causal, window=24, backend="triton")
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_heads", [1, 2], ids=["mqa", "gqa"])
+@pytest.mark.parametrize("q_len, kv_len, causal", [(40, 40, True), (17, 64, True), (64, 17, False)])
+def test_grouped_query_heads(device, kv_heads, q_len, kv_len, causal):
+    """4 query heads on 1 or 2 kv heads: dK and dV sum over each kv head's query heads."""
+    q, k, v = make_qkv(2, 4, q_len, kv_len, 16, kv_heads=kv_heads, dtype=torch.float32, device=device)
+    check_against_reference(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_softcap(device, dtype, causal):
+    """Scores up to ~8 under a cap of 2: tanh saturates, and its derivative 1 - tanh^2 nears 0."""
+    q, k, v = make_qkv(1, 2, 45, 45, 32, dtype=dtype, device=device, scale_inputs=2.0)
+    check_against_reference(q, k, v, causal=causal, softcap=2.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_drops_exactly_the_references_probabilities(device, p):
+    """v = I reads the dropped, rescaled weights out: the same zeros as the reference's mask, for
+    probabilities above and below 1/2 (the threshold then passes 2**31), and the gradients too."""
+    q, k, _ = make_qkv(2, 2, 20, 16, 16, dtype=torch.float32, device=device)
+    v = torch.eye(16, device=device).expand(2, 2, 16, 16)
+    options = dict(causal=False, dropout_p=p, dropout_seed=2**32 - 5)
+    weights = kernels.attention(q, k, v, backend="triton", **options)
+    expected = kernels.attention(q, k, v, backend="reference", **options)
+    assert torch.equal(weights == 0, expected == 0)
+    assert 0 < int((expected == 0).sum()) < expected.numel()
+    check_against_reference(q, k, v.contiguous(), **options)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_dim", [8, 24, 80, 96, 112, 200])
+def test_head_dims_padded_to_a_power_of_two(device, head_dim):
+    """Head dims that are multiples of 8 but no power of two run on tiles of the next one, the
+    padding columns masked (never read, never written): with GQA, a window and a softcap too."""
+    q, k, v = make_qkv(1, 2, 40, 40, head_dim, kv_heads=1, dtype=torch.bfloat16, device=device)
+    check_against_reference(q, k, v, causal=True)
+    check_against_reference(q, k, v, causal=True, window=9, softcap=3.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_sequences_across_block_edges(device, causal):
+    """Ragged lengths around the 16/32 blocks, empty and single ones, 4 query heads on 2 kv heads:
+    each sequence as its own dense call (kernels.reference in float64), none seeing another."""
+    lengths_q = [0, 1, 17, 33, 5, 40]
+    lengths_k = [0, 1, 20, 33, 70, 40] if causal else [3, 1, 20, 0, 70, 9]
+    packed = make_varlen(lengths_q, lengths_k, 4, 16, kv_heads=2, device=device)
+    check_varlen_against_reference(*packed, causal=causal, window=12, softcap=4.0, dropout_p=0.2, dropout_seed=11)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -232,20 +360,45 @@ def test_nan_filled_buffers_are_overwritten(device, q_len, kv_len, causal, monke
     """With Switches.nan_fill every output buffer starts as NaN: a skipped tile shows."""
     monkeypatch.setattr(triton_runtime, "SWITCHES", triton_runtime.Switches(nan_fill=True))
     q, k, v = make_qkv(2, 1, q_len, kv_len, 16, dtype=torch.float16, device=device)
-    assert triton_attention._plan_for(q, k, v, causal).switches.nan_fill  # the switch reaches the launchers
+    assert triton_attention._plan_for(q, k, v, Options(causal, 0.25)).switches.nan_fill  # reaches the launchers
     assert triton_attention._empty((2,), torch.float32, device, nan_fill=True).isnan().all()
     for name, t in zip(("out", "dq", "dk", "dv"), check_against_reference(q, k, v, causal=causal)):
         assert torch.isfinite(t).all(), f"{name} has unwritten (NaN) elements"
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_backward_is_deterministic(device):
-    q, k, v = make_qkv(1, 2, 77, 77, 32, dtype=torch.bfloat16, device=device)
+@pytest.mark.parametrize(
+    "kv_heads, options",
+    [(2, {}), (1, dict(window=20, softcap=5.0, dropout_p=0.1, dropout_seed=3))],
+    ids=["plain", "mqa-window-softcap-dropout"],
+)
+def test_backward_is_deterministic(device, kv_heads, options):
+    """Also when dK and dV sum over a group of query heads: the sum runs in a fixed order."""
+    q, k, v = make_qkv(1, 2, 77, 77, 32, kv_heads=kv_heads, dtype=torch.bfloat16, device=device)
     do = torch.randn(q.shape).to(q.dtype).to(device)
-    first = attention_and_grads(kernels.attention, q, k, v, do, causal=True, backend="triton")
-    second = attention_and_grads(kernels.attention, q, k, v, do, causal=True, backend="triton")
+    first = attention_and_grads(kernels.attention, q, k, v, do, causal=True, backend="triton", **options)
+    second = attention_and_grads(kernels.attention, q, k, v, do, causal=True, backend="triton", **options)
     for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_times_heads_beyond_one_grid_axis(device, monkeypatch):
+    """Batch x heads above CUDA's 65,535 programs per grid axis spread over axes 1 and 2 (the
+    limit lowered to 3 here, so that 2 x 4 = 8 programs take a 3 x 3 grid with one program
+    to spare): forward, both backward passes (dK/dV over 2 x 2 kv heads) and decoding."""
+    monkeypatch.setattr(triton_common, "GRID_AXIS_LIMIT", 3)
+    monkeypatch.setattr(triton_attention, "_PLANS", {})
+    q, k, v = make_qkv(2, 4, 40, 40, 16, kv_heads=2, dtype=torch.float32, device=device)
+    check_against_reference(q, k, v, causal=True)
+    check_against_reference(q, k, v, causal=False, window=7, dropout_p=0.2, dropout_seed=1)
+    plan = triton_attention._plan_for(q, k, v, Options(True, 0.25))
+    assert plan.forward.grid[1:] == (3, 3) and plan.forward.meta["SPLIT_GRID"]
+    assert plan.backward[1].grid[1:] == (2, 2)  # dK/dV: one program per kv head
+    with torch.no_grad():
+        out = kernels.attention(q[:, :, -3:], k, v, causal=True, backend="triton")
+    assert triton_attention._plan_for(q[:, :, -3:], k, v, Options(True, 0.25)).decode.grid[1:] == (3, 3)
+    torch.testing.assert_close(out, reference.attention(q[:, :, -3:], k, v, causal=True, scale=0.25))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -290,10 +443,10 @@ def test_all_equal_scores(device, causal):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("head_dim", [48, 512])
+@pytest.mark.parametrize("head_dim", [4, 12, 260, 512])
 def test_unsupported_head_dim_is_rejected(head_dim):
     q = torch.randn(1, 1, 4, head_dim)
-    with pytest.raises(ValueError, match=r"head_dim in \(16, 32, 64, 128, 256\), got " + str(head_dim)):
+    with pytest.raises(ValueError, match=f"head_dim a multiple of 8 from 8 to 256, got {head_dim}; use backend="):
         kernels.attention(q, q, q, backend="triton")
 
 
@@ -309,15 +462,26 @@ def test_unsupported_dtype_is_rejected():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    """Schema, fake (meta) implementation, autograd registration and AOT dispatch agree."""
-    q, k, v = (t.requires_grad_() for t in make_qkv(1, 1, 17, 17, 16, dtype=torch.float32, device=device))
-    torch.library.opcheck(torch.ops.gpt_kernels.flash_attn_fwd, (q, k, v, True, 0.25))
-    out, lse = torch.ops.gpt_kernels.flash_attn_fwd(q, k, v, True, 0.25)
-    do = torch.randn_like(out)
+@pytest.mark.parametrize("variant", ["plain", "gqa-window-softcap-dropout", "varlen"])
+def test_opcheck(device, variant):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch agree, for the
+    forward, the backward and the decode op (inference only: inputs that need no gradient)."""
+    if variant == "varlen":
+        q, k, v, *packing = make_varlen([5, 0, 12], [9, 2, 12], 2, 16, kv_heads=1, device=device)
+        options = (True, 0.25, 4, None, 0.0, 0, *packing)
+    else:
+        q, k, v = make_qkv(1, 2, 17, 17, 16, kv_heads=2 if variant == "plain" else 1, device=device)
+        options = (True, 0.25) if variant == "plain" else (True, 0.25, 5, 2.5, 0.3, 2**32 - 1)
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(torch.ops.gpt_kernels.flash_attn_fwd, (*inputs, *options))
+    out, lse = torch.ops.gpt_kernels.flash_attn_fwd(*inputs, *options)
+    detached = [t.detach() for t in (q, k, v)]
     torch.library.opcheck(
-        torch.ops.gpt_kernels.flash_attn_bwd, (do, q.detach(), k.detach(), v.detach(), out.detach(), lse, True, 0.25)
+        torch.ops.gpt_kernels.flash_attn_bwd, (torch.randn_like(out), *detached, out.detach(), lse, *options)
     )
+    decode_options = options[:4] + options[6:]  # no dropout: a training feature
+    last = (detached[0][:, :, -3:], *detached[1:]) if variant != "varlen" else detached
+    torch.library.opcheck(torch.ops.gpt_kernels.flash_attn_decode, (*last, *decode_options))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -346,15 +510,20 @@ def test_torch_compile_traces_without_graph_breaks(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_eager_and_compiled_paths_agree_exactly(device):
+@pytest.mark.parametrize(
+    "kv_heads, options",
+    [(2, {}), (1, dict(window=9, softcap=3.0, dropout_p=0.25, dropout_seed=5))],
+    ids=["plain", "mqa-window-softcap-dropout"],
+)
+def test_eager_and_compiled_paths_agree_exactly(device, kv_heads, options):
     """Eager calls take the autograd.Function, traced ones the custom ops: same launchers,
     same configs, so the same bits in the output and all three gradients."""
     torch._dynamo.reset()
-    q, k, v = make_qkv(1, 2, 33, 40, 16, dtype=torch.float32, device=device)
+    q, k, v = make_qkv(1, 2, 33, 40, 16, kv_heads=kv_heads, dtype=torch.float32, device=device)
     do = torch.randn(q.shape).to(device)
 
     def attend(q, k, v):
-        return kernels.attention(q, k, v, causal=True, backend="triton")
+        return kernels.attention(q, k, v, causal=True, backend="triton", **options)
 
     eager = attention_and_grads(attend, q, k, v, do)
     compiled = attention_and_grads(torch.compile(attend, fullgraph=True, backend="inductor"), q, k, v, do)
@@ -440,9 +609,76 @@ def test_cuda_training_shape_fused_qkv(dtype):
 
 
 @cuda_only
-def test_cuda_decoding_long_cache():
-    q, k, v = make_qkv(2, 8, 1, 3001, 128, dtype=torch.bfloat16, device="cuda")
+@pytest.mark.parametrize("q_len", [1, 16])
+def test_cuda_decoding_long_cache(q_len, monkeypatch):
+    """Without gradients, a few queries against a long cache take the split-KV decode kernel."""
+    from kernels import triton_decode
+
+    decoded = []
+    decode = triton_decode.decode
+    monkeypatch.setattr(triton_decode, "decode", lambda *args: decoded.append(1) or decode(*args))
+    q, k, v = make_qkv(2, 8, q_len, 3001, 128, kv_heads=2, dtype=torch.bfloat16, device="cuda")
+    check_inference_against_reference(q, k, v, causal=True)
+    check_inference_against_reference(q, k, v, causal=True, window=1000, softcap=30.0)
+    assert decoded == [1, 1]
+
+
+@cuda_only
+def test_cuda_batch_times_heads_beyond_one_grid_axis():
+    """1,100 x 64 = 70,400 (batch, head) programs: more than CUDA's 65,535 on one grid axis."""
+    q, k, v = make_qkv(1100, 64, 32, 32, 16, kv_heads=16, dtype=torch.float16, device="cuda")
     check_against_reference(q, k, v, causal=True)
+    check_inference_against_reference(q[:, :, -1:], k, v, causal=True)  # the decode kernel
+
+
+@cuda_only
+def test_cuda_every_variant_compiles_once_for_every_value():
+    """A new dropout seed, window or softcap value, or length, reuses the variant's binaries: the
+    kernels take them as unspecialized arguments."""
+    import triton as triton_
+
+    def call(seed, window, softcap, length):
+        q, k, v = (
+            t.requires_grad_()
+            for t in make_qkv(2, 4, length, length, 64, kv_heads=2, device="cuda", dtype=torch.bfloat16)
+        )
+        out = kernels.attention(
+            q, k, v, window=window, softcap=softcap, dropout_p=0.1, dropout_seed=seed, backend="triton"
+        )
+        out.sum().backward()
+
+    call(1, 64, 30.0, 200)
+    compiled = []
+    triton_.knobs.runtime.jit_cache_hook = lambda *, fn, **kwargs: compiled.append(fn.name)
+    try:
+        for seed, window, softcap, length in ((2**31 + 7, 16, 50.0, 333), (2**32 - 1, 1, 1.5, 64), (0, 4096, 7.0, 17)):
+            call(seed, window, softcap, length)
+    finally:
+        triton_.knobs.runtime.jit_cache_hook = None
+    assert compiled == []
+
+
+@cuda_only
+@pytest.mark.parametrize("features", [(), ("gqa", "window", "softcap", "varlen", "dropout")], ids=["plain", "all"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_features(features, dtype):
+    """The compiled variants against float64, at lengths where every kind of block occurs."""
+    kv_heads = 2 if "gqa" in features else 8
+    options = dict(window=100, softcap=20.0, dropout_p=0.1, dropout_seed=9) if "window" in features else {}
+    if "varlen" in features:
+        packed = make_varlen([0, 1, 300, 513], [7, 1, 300, 700], 8, 128, kv_heads=kv_heads, dtype=dtype, device="cuda")
+        check_varlen_against_reference(*packed, causal=True, **options)
+        short = make_varlen([1, 0, 16, 3], [9, 0, 700, 3000], 8, 128, kv_heads=kv_heads, dtype=dtype, device="cuda")
+        with torch.no_grad():  # max_seqlen_q 16 without gradients: the decode kernel
+            out = kernels.varlen_attention(*short, backend="triton", window=100, softcap=20.0)
+            exact = reference.varlen_attention(
+                *(t.double() for t in short[:3]), *short[3:], causal=True, scale=128**-0.5, window=100, softcap=20.0
+            )
+        torch.testing.assert_close(out.double(), exact, rtol=0, atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+    else:
+        q, k, v = make_qkv(2, 8, 700, 700, 128, kv_heads=kv_heads, dtype=dtype, device="cuda")
+        check_against_reference(q, k, v, causal=True, **options)
+        check_inference_against_reference(q[:, :, -5:], k, v, causal=True, window=100, softcap=20.0)
 
 
 @cuda_only
@@ -453,7 +689,7 @@ def test_cuda_every_autotune_candidate(head_dim, causal, q_len, kv_len):
     arch = triton_configs.arch_of(torch.cuda.get_device_capability())
     fwd, dkdv, dq = (
         triton_configs.candidates(arch, kernel, "16-bit", causal, triton_configs.length_class(q_len), head_dim)
-        for kernel in triton_configs.KERNELS
+        for kernel in triton_configs.TUNED_KERNELS
     )
     for i in range(max(len(fwd), len(dkdv), len(dq))):
         configs = fwd[i % len(fwd)], dkdv[i % len(dkdv)], dq[i % len(dq)]

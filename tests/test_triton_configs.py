@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gpt.model import GPT, GPTConfig
-from kernels import reference, triton_attention, triton_configs, triton_runtime
+from kernels import reference, triton_attention, triton_configs, triton_decode, triton_runtime
 from kernels.triton_configs import ANY, TABLE, LaunchConfig, TunedConfigs
 
 LENGTHS = [name for name, _ in triton_configs.LENGTH_CLASSES]
@@ -85,6 +85,18 @@ def test_problems_are_found():
     # the same config fits an H100 but not the generic 99 KiB
     assert problems((128, 64, 4, 3), head_dim=128) == []
     assert problems((128, 64, 4, 3), head_dim=128, arch="generic") != []
+
+
+def test_the_tuner_and_the_table_agree_on_the_kernels():
+    """Every kernel has table rows for every architecture, dtype class and head dim; the tuner
+    has candidates for exactly TUNED_KERNELS; the rest (decode) are never tuned."""
+    for arch, rows in TABLE.items():
+        assert {kernel for kernel, *_ in rows} == set(triton_configs.KERNELS), arch
+    assert set(triton_configs.TUNED_KERNELS) <= set(triton_configs.KERNELS)
+    assert set(triton_configs.CANDIDATE_BLOCKS) == set(triton_configs.TUNED_KERNELS)
+    for kernel in set(triton_configs.KERNELS) - set(triton_configs.TUNED_KERNELS):
+        with pytest.raises(KeyError):
+            triton_configs.candidates("sm90", kernel, "16-bit", True, "decode", 64)
 
 
 @pytest.mark.parametrize("arch", triton_configs.ARCHS)
@@ -163,24 +175,45 @@ def test_switches_are_read_from_the_environment(monkeypatch, tmp_path):
 
 
 def test_lengths_are_not_specialized():
-    """A growing kv_len (and any q_len) must not make Triton compile a new kernel variant.
+    """A growing kv_len (and any q_len), a packed batch's total length, a new dropout seed or
+    window must not make Triton compile a new kernel variant: none is specialized on.
 
     Checked on the compiled-mode kernels (TRITON_INTERPRET=0, as on a GPU), in a subprocess.
     """
     code = (
-        "from kernels import triton_attention as ta\n"
-        "for kernel in (ta._attn_fwd, ta._attn_bwd_dkdv, ta._attn_bwd_dq, ta._attn_bwd_preprocess):\n"
+        "from kernels import triton_attention as ta, triton_decode as td\n"
+        "kernels = (ta._attn_fwd, ta._attn_bwd_dkdv, ta._attn_bwd_dq, ta._attn_bwd_preprocess, td._decode_split,\n"
+        "           td._decode_combine)\n"
+        "for kernel in kernels:\n"
         "    print(kernel.fn.__name__, *sorted(p.name for p in kernel.params if p.do_not_specialize))\n"
     )
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split("\n")[:4] == [
-        "_attn_fwd N_K N_Q",
-        "_attn_bwd_dkdv N_K N_Q",
-        "_attn_bwd_dq N_K N_Q",
-        "_attn_bwd_preprocess N_Q",
+    options = "batch_heads dropout_seed dropout_threshold stride_lse_h window"
+    assert result.stdout.split("\n")[:6] == [
+        f"_attn_fwd N_K N_Q {options}",
+        f"_attn_bwd_dkdv N_K N_Q {options}",
+        f"_attn_bwd_dq N_K N_Q {options}",
+        "_attn_bwd_preprocess N_Q batch_heads stride_lse_h",
+        "_decode_split N_K N_Q batch_heads split_size window",
+        "_decode_combine N_Q num_splits",
     ]
+
+
+def test_option_values_reach_the_kernels_as_32_bit_arguments():
+    """Triton types an int argument i32 or i64 by its value: the seed and the dropout threshold
+    travel as int32 bit patterns, so seeds past 2**31 and probabilities past 1/2 share the binary."""
+    from kernels.triton_common import Options, arguments
+
+    for seed, p in ((0, 0.1), (2**31 + 5, 0.5), (2**32 - 1, 0.99)):
+        values = arguments(Options(True, 0.125, dropout_p=p, dropout_seed=seed))
+        for name in ("dropout_seed", "dropout_threshold"):
+            assert -(2**31) <= values[name] < 2**31
+        assert values["dropout_seed"] % 2**32 == seed
+        assert values["dropout_threshold"] % 2**32 == int(p * 2**32)
+    plain = arguments(Options(True, 0.125))
+    assert {name for name, value in plain.items() if value is not None} == {"qk_scale"}
 
 
 @pytest.fixture
@@ -207,10 +240,8 @@ def generate_50_tokens():
 
 def test_generating_never_calls_the_tuner(counted_tuner, one_thread, monkeypatch):
     decode_calls = []
-    decode = triton_attention.decode_attention
-    monkeypatch.setattr(
-        triton_attention, "decode_attention", lambda *a, **kw: decode_calls.append(1) or decode(*a, **kw)
-    )
+    decode = triton_decode.decode
+    monkeypatch.setattr(triton_decode, "decode", lambda *args: decode_calls.append(1) or decode(*args))
     out = generate_50_tokens()
     assert out.shape == (1, 70)
     assert counted_tuner == []

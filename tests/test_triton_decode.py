@@ -2,34 +2,37 @@
 
 Decoding shapes: q_len 1, 3 and 16 against caches of 1, 17, 300 and 1000 keys, in
 float32, float16 and bfloat16, causal and not, with strided views as a GPT block and
-its KV cache make them. Every result is compared to kernels.reference in float64 with
-the rule in tests/tolerances.py. Without CUDA the kernels run through Triton's
-interpreter, whose small key blocks make the longer caches span several splits, so the
-combine step is exercised; tests that depend on that assert the split count.
+its KV cache make them; grouped-query heads, sliding windows, a softcap, packed
+sequences (varlen) and padded head dims. Every result is compared to kernels.reference
+in float64 with the rule in tests/tolerances.py. Without CUDA the kernels run through
+Triton's interpreter, whose small key blocks make the longer caches span several splits,
+so the combine step is exercised; tests that depend on that assert the split count.
+Last, the routing: generating text with a KV cache reaches the decode kernel, eagerly and
+under torch.compile.
 """
 
 import pytest
 import torch
-from helpers import make_qkv
+from helpers import CUDA_MARKS, cuda_only, make_qkv, make_varlen
 from tolerances import assert_close_to_reference
 
-from kernels import reference, triton_decode
+import kernels
+from gpt.model import GPT, GPTConfig
+from kernels import reference, triton_attention, triton_decode
 from kernels.triton_decode import decode_attention, decode_config, decode_split_plan, split_plan
 
-CUDA = torch.cuda.is_available()
 # With CUDA the kernels are compiled, and compiled Triton cannot read CPU tensors.
 interpreter_only = pytest.mark.skipif(not triton_decode.INTERPRET, reason="compiled Triton needs CUDA tensors")
-cuda_only = pytest.mark.skipif(not CUDA, reason="needs CUDA")
-DEVICES = [pytest.param("cpu", marks=interpreter_only), pytest.param("cuda", marks=cuda_only)]
+DEVICES = [pytest.param("cpu", marks=interpreter_only), pytest.param("cuda", marks=CUDA_MARKS)]
 
 
-def check_decode(q, k, v, *, causal, scale=None, run=decode_attention):
-    """run(q, k, v, causal=, scale=) against float64; returns its output."""
+def check_decode(q, k, v, *, causal, scale=None, run=decode_attention, **options):
+    """run(q, k, v, causal=, scale=, **options) against float64; returns its output."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out = run(q, k, v, causal=causal, scale=scale)
+    out = run(q, k, v, causal=causal, scale=scale, **options)
     assert out.dtype == q.dtype and out.device == q.device
-    exact = reference.attention(q.double(), k.double(), v.double(), causal=causal, scale=scale)
-    baseline = reference.attention(q, k, v, causal=causal, scale=scale, upcast=False)  # the error q's dtype forces
+    exact = reference.attention(q.double(), k.double(), v.double(), causal=causal, scale=scale, **options)
+    baseline = reference.attention(q, k, v, causal=causal, scale=scale, upcast=False, **options)  # q's dtype's error
     assert_close_to_reference("out", out, exact, baseline)
     return out
 
@@ -37,9 +40,8 @@ def check_decode(q, k, v, *, causal, scale=None, run=decode_attention):
 def with_split_size(split_size):
     """A `run` for check_decode that forces split_size keys per split."""
 
-    def run(q, k, v, *, causal, scale):
-        num_splits = -(-k.shape[2] // split_size)
-        return triton_decode._decode(q, k, v, causal, scale, num_splits, split_size)
+    def run(q, k, v, **options):
+        return decode_attention(q, k, v, split_size=split_size, **options)
 
     return run
 
@@ -176,6 +178,80 @@ def test_all_equal_scores(device):
 
 
 # ---------------------------------------------------------------------------------------
+# The features: grouped-query heads, windows, softcap, packed sequences, padded head dims
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_heads", [1, 2], ids=["mqa", "gqa"])
+@pytest.mark.parametrize("q_len, kv_len, causal", [(1, 300, True), (16, 300, True), (3, 1000, False), (16, 1, False)])
+def test_grouped_query_heads(device, kv_heads, q_len, kv_len, causal):
+    q, k, v = make_qkv(2, 4, q_len, kv_len, 32, kv_heads=kv_heads, dtype=torch.float32, device=device)
+    check_decode(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("window", [1, 15, 16, 17, 40, 5000])
+@pytest.mark.parametrize("q_len, causal", [(1, True), (16, True), (5, False)])
+def test_windows(device, window, q_len, causal):
+    """Windows of one key, around the interpreter's 16-key blocks, over several splits and longer
+    than the cache; the splits cover only the keys some query's window reaches."""
+    q, k, v = make_qkv(1, 2, q_len, 300, 32, dtype=torch.float32, device=device, seed=window)
+    check_decode(q, k, v, causal=causal, window=window)
+    for split_size in (16, 48):  # every split boundary next to the window's edge
+        check_decode(q, k, v, causal=causal, window=window, run=with_split_size(split_size))
+    num_splits, split_size = decode_split_plan(q, k, window)
+    block_n = decode_config(32, torch.float32, q.device).block_n  # the splits start at a block's first key
+    assert (num_splits - 1) * split_size < min(300, q_len + window - 1 + block_n - 1) <= num_splits * split_size
+
+
+@interpreter_only
+def test_a_window_reads_only_its_keys():
+    """With a window of 40, a cache of 8,000 keys is split as a cache of 55 would be: the splits
+    cover 2 x 32 keys (from the block holding the first key in the window), not 2 x 4,000."""
+    q, k, _ = make_qkv(2, 2, 1, 8000, 32, device="cpu")
+    assert decode_split_plan(q, k, window=40) == decode_split_plan(q, k[:, :, :55]) == (2, 32)
+    assert decode_split_plan(q, k) == (2, 4000)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcap(device, dtype):
+    q, k, v = make_qkv(1, 2, 3, 300, 32, dtype=dtype, device=device, scale_inputs=2.0)
+    check_decode(q, k, v, causal=True, softcap=2.0)
+    check_decode(q, k, v, causal=True, softcap=2.0, window=30)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_dim", [8, 24, 80, 200])
+def test_padded_head_dims(device, head_dim):
+    q, k, v = make_qkv(1, 2, 3, 100, head_dim, kv_heads=1, dtype=torch.bfloat16, device=device)
+    check_decode(q, k, v, causal=True, window=20)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_sequences(device, causal):
+    """A batch of prompts of different lengths, decoding together: q_len up to 16 per sequence,
+    empty sequences, and (causal=False) one with queries but no keys, whose rows are 0."""
+    lengths_q = [1, 0, 16, 3, 2]
+    lengths_k = [300, 0, 16, 1000, 0 if not causal else 5]
+    q, k, v, cu_q, cu_k, max_q, max_k = make_varlen(lengths_q, lengths_k, 4, 32, kv_heads=2, device=device)
+    for options in ({}, dict(window=40, softcap=3.0)):
+        with torch.no_grad():
+            out = kernels.varlen_attention(
+                q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, backend="triton", **options
+            )
+        exact = reference.varlen_attention(
+            q.double(), k.double(), v.double(), cu_q, cu_k, max_q, max_k, causal=causal, scale=32**-0.5, **options
+        )
+        baseline = reference.varlen_attention(
+            q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, scale=32**-0.5, upcast=False, **options
+        )
+        assert_close_to_reference("out", out, exact, baseline)
+
+
+# ---------------------------------------------------------------------------------------
 # Layouts, determinism, rejected input
 # ---------------------------------------------------------------------------------------
 
@@ -208,6 +284,74 @@ def test_long_queries_are_rejected():
     q, k, v = make_qkv(1, 2, 17, 40, 32, dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match="q_len <= 16, got 17"):
         decode_attention(q, k, v, causal=True, scale=0.2)
+
+
+# ---------------------------------------------------------------------------------------
+# Routing: which calls reach the decode kernel, eagerly and under torch.compile
+# ---------------------------------------------------------------------------------------
+
+
+class CountedLaunches:
+    """Stands in for a JIT kernel and counts its launches: kernel[grid](...)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def decode_launches(monkeypatch):
+    """The split kernel's launches (and the FlashAttention forward's, to tell them apart)."""
+    counted = {
+        "decode": CountedLaunches(triton_decode._decode_split),
+        "fwd": CountedLaunches(triton_attention._attn_fwd),
+    }
+    monkeypatch.setattr(triton_decode, "_decode_split", counted["decode"])
+    monkeypatch.setattr(triton_attention, "_attn_fwd", counted["fwd"])
+    return counted
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_routing_rule(device, decode_launches):
+    """q_len <= 16 with nothing to differentiate and no dropout: the decode kernel; else the forward."""
+    q, k, v = make_qkv(1, 2, 16, 40, 16, device=device)
+    with torch.no_grad():
+        kernels.attention(q, k, v, backend="triton")
+        kernels.attention(q, k, v, window=8, softcap=2.0, backend="triton")
+        assert (decode_launches["decode"].launches, decode_launches["fwd"].launches) == (2, 0)
+        kernels.attention(torch.cat([q, q], 2), k, v, backend="triton")  # 32 queries
+        kernels.attention(q, k, v, dropout_p=0.1, backend="triton")  # training
+    kernels.attention(q.requires_grad_(), k, v, backend="triton")  # a gradient to compute
+    assert (decode_launches["decode"].launches, decode_launches["fwd"].launches) == (2, 3)
+
+
+def generate(model, compiled: bool):
+    """8 tokens after a 20-token prompt, with the KV cache: the prompt's forward, then 7 steps of 1 query."""
+    if compiled:
+        torch._dynamo.reset()
+        model.hidden_states = torch.compile(model.hidden_states, fullgraph=True, dynamic=True, backend="aot_eager")
+    prompt = torch.randint(0, 50, (2, 20), generator=torch.Generator().manual_seed(1))
+    try:
+        return model.generate(prompt, 8, generator=torch.Generator().manual_seed(2))
+    finally:
+        vars(model).pop("hidden_states", None)
+
+
+@interpreter_only
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_generating_with_a_cache_decodes_with_the_decode_kernel(compiled, decode_launches, one_thread):
+    """Under torch.compile(fullgraph=True) too (the custom op gpt_kernels::flash_attn_decode):
+    2 layers x 7 single-query steps are 14 decode launches, the prompt 2 forward launches, and
+    the tokens are the eager ones."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50, block_size=64, n_layer=2, n_head=2, d_model=32, head="full", attn="triton")
+    model = GPT(config).eval()
+    tokens = generate(model, compiled)
+    assert (decode_launches["decode"].launches, decode_launches["fwd"].launches) == (14, 2)
+    assert torch.equal(tokens, generate(model, compiled=False))
 
 
 # ---------------------------------------------------------------------------------------
