@@ -129,7 +129,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 
 def test_train_config_validation_names_the_option():
-    with pytest.raises(ValueError, match="--batch-size must be positive"):
+    with pytest.raises(ValueError, match="--batch-size must be an integer >= 1, got 0"):
         config.TrainConfig(batch_size=0).validate()
     with pytest.raises(ValueError, match="dropout must be in"):
         GPTConfig(dropout=1.0)
