@@ -18,11 +18,11 @@ import kernels
 
 from .checkpoint import CheckpointError
 from .data import DataError
-from .errors import first_line
+from .errors import RunError, first_line
 
-# Problems a user can fix (a bad value, a missing or corrupt file), as opposed to bugs, which keep
-# their traceback.
-EXPECTED_ERRORS = (ValueError, DataError, CheckpointError)
+# Problems a user can fix (a bad value, a missing or corrupt file, a full disk), as opposed to bugs,
+# which keep their traceback.
+EXPECTED_ERRORS = (ValueError, DataError, CheckpointError, RunError)
 INT64_MAX = 2**63 - 1  # integer settings end up in tensors and torch's generators
 MAX_SEED = 2**32 - 1  # a seed seeds several generators, some after mixing in the epoch: 32 bits fit them all
 DEVICE_TYPES = ("cpu", "cuda", "mps")  # where the model can run (meta holds shapes only, no data)

@@ -14,6 +14,7 @@ from helpers import assert_same_losses, metrics, run_module, start_module, tiny_
 
 from gpt import train
 from gpt.checkpoint import SAVE_DELAY_ENV_VAR, load_checkpoint
+from gpt.runfiles import temporary_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,7 +61,8 @@ def test_sigkill_during_a_checkpoint_save_keeps_the_previous_checkpoint(corpus, 
     )
     try:
         wait_for(lambda: (out / "ckpt.pt").exists(), what="the first checkpoint")
-        wait_for(lambda: (out / "ckpt.pt.tmp").exists(), what="the second checkpoint save")
+        temporary = temporary_path(out / "ckpt.pt", process.pid)
+        wait_for(temporary.exists, what="the second checkpoint save")
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     finally:
