@@ -72,6 +72,7 @@ def test_sigkill_during_a_checkpoint_save_keeps_the_previous_checkpoint(corpus, 
     assert records[-1]["step"] >= 2
 
     assert train.main(["--resume", "--out", str(out), "--stop-at", "6"]) == 0
+    assert not temporary.exists()  # the killed run's partial file is cleared away, its space freed
     assert load_checkpoint(out / "ckpt.pt")["step"] == 6
     assert [r["step"] for r in metrics(out)] == [0, 2, 4, 6]  # continued from step 2, nothing twice
 
