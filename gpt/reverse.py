@@ -32,8 +32,10 @@ import torch
 
 import kernels
 
-from .cli import ArgumentParser, pick_device, resolve_attention, run_program
+from .cli import MAX_SEED, ArgumentParser, check_number, pick_device, resolve_attention, run_program
+from .footprint import check_memory
 from .model import GPT, POS_EMBEDDINGS, GPTConfig
+from .runfiles import RunLock, atomic_write, check_room, prepare_out
 
 SEPARATOR = 10  # digits are ids 0..9
 VOCAB_SIZE = 11
@@ -56,16 +58,12 @@ class ReverseSettings:
     device: str = "cpu"
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {self.steps}")
-        if not MIN_DIGITS <= self.n_digits <= MAX_DIGITS:
-            raise ValueError(f"--n-digits must be in {MIN_DIGITS}..{MAX_DIGITS}, got {self.n_digits}")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"--seed must be in 0..2**63-1, got {self.seed}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not 0 < self.lr < float("inf"):
-            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        """Each setting finite and in its range, or a one-line ValueError."""
+        check_number("--steps", self.steps, 1)
+        check_number("--n-digits", self.n_digits, MIN_DIGITS, MAX_DIGITS)
+        check_number("--seed", self.seed, 0, MAX_SEED)
+        check_number("--batch-size", self.batch_size, 1)
+        check_number("--lr", self.lr, 0, above=True)
 
     def model_config(self) -> GPTConfig:
         """A small GPT sized for the task: 2 blocks, 2 heads of 32 dimensions, no dropout, a full head."""
@@ -208,7 +206,8 @@ def build_parser() -> ArgumentParser:
 
 
 def settings_from_flags(args) -> tuple[ReverseSettings, Path]:
-    """Parsed flags -> (settings, output directory); a bad value raises a one-line ValueError."""
+    """Parsed flags -> (settings, output directory); a bad value, or a batch that cannot fit the
+    device, raises a one-line ValueError."""
     settings = ReverseSettings(
         n_digits=args.n_digits,
         steps=args.steps,
@@ -224,10 +223,17 @@ def settings_from_flags(args) -> tuple[ReverseSettings, Path]:
     device = pick_device(settings.device)
     # Triton loads on first use: fail here, in one line, not mid-training.
     settings = replace(settings, attn=resolve_attention(settings.attn, device), device=str(device))
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    return settings, out
+    check_memory(settings.model_config(), device, settings.batch_size, 2 * settings.n_digits)
+    return settings, Path(args.out)
+
+
+def reverse_from_flags(args) -> int:
+    """Check everything, --out included, before training, so that no result is lost at the end."""
+    settings, out = settings_from_flags(args)
+    prepare_out(out)
+    with RunLock(out):  # also proves --out writable
+        check_room(out)
+        return train_and_report(settings, out)
 
 
 def train_and_report(settings: ReverseSettings, out: Path) -> int:
@@ -247,7 +253,6 @@ def train_and_report(settings: ReverseSettings, out: Path) -> int:
     print(f"first half  (predicting unseen input digits) {results['first_half_accuracy']:.3f}  chance {CHANCE}")
     print(f"second half (predicting the reversed digits) {results['second_half_accuracy']:.3f}")
 
-    out.mkdir(parents=True, exist_ok=True)
     record = {
         **results,
         "position_labels": position_labels(settings.n_digits),
@@ -256,14 +261,14 @@ def train_and_report(settings: ReverseSettings, out: Path) -> int:
         "settings": asdict(settings),
     }
     path = out / "reverse.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write(path, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
     print(f"wrote {path}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_program(lambda: train_and_report(*settings_from_flags(args)))
+    return run_program(lambda: reverse_from_flags(args))
 
 
 if __name__ == "__main__":
