@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kernels
-from bench.common import peak_bytes
+from bench.core import peak_bytes
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 SHORT, LONG = 2048, 8192
