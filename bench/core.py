@@ -420,18 +420,18 @@ def label(cell: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_cuda_tests(device, timeout_s: float) -> dict:
+def run_cuda_tests(device, time_limit: float) -> dict:
     """`pytest -m cuda -x -q` from the repository root, or why it did not run."""
     command = "pytest -m cuda -x -q"
     if torch.device(device).type != "cuda":
         where = torch.device(device).type
         return {"command": command, "status": f"not run: this run is on {where}; the CUDA-only tests need a GPU"}
-    if timeout_s <= 0:
+    if time_limit <= 0:
         return {"command": command, "status": "not run: --tests-timeout 0"}
-    return {"command": command, **run_pytest(["-m", "cuda", "-x", "-q"], timeout_s, REPO)}
+    return {"command": command, **run_pytest(["-m", "cuda", "-x", "-q"], time_limit, REPO)}
 
 
-def run_pytest(args: list[str], timeout_s: float, cwd: Path) -> dict:
+def run_pytest(args: list[str], time_limit: float, cwd: Path) -> dict:
     """pytest `args` in a subprocess: its status ("passed", "failed", "stopped: ..."), the pass /
     fail counts and the first failure's one-line reason, read from pytest's JUnit XML."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -439,9 +439,9 @@ def run_pytest(args: list[str], timeout_s: float, cwd: Path) -> dict:
         argv = [sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider", f"--junitxml={xml}"]
         start = time.monotonic()
         try:
-            done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout_s)
+            done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=time_limit)
         except subprocess.TimeoutExpired:
-            return {"status": f"stopped: still running after {timeout_s:.0f} s"}
+            return {"status": f"stopped: still running after {time_limit:.0f} s"}
         record = {"exit_code": done.returncode, "seconds": round(time.monotonic() - start, 1)}
         if not xml.exists():
             last = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]

@@ -308,7 +308,8 @@ def plot(results: dict, out_dir: Path, stem: str) -> list[Path]:
     main_grid = [c for c in ok["kernel_table"] if "grid" not in c]
     for dtype in dict.fromkeys(c["dtype"] for c in main_grid):
         cells = [c for c in main_grid if c["dtype"] == dtype]
-        modes, dims = sorted({c["pass"] for c in cells}, reverse=True), sorted({c["head_dim"] for c in cells})
+        modes = [m for m in PASS_NAMES if any(c["pass"] == m for c in cells)]
+        dims = sorted({c["head_dim"] for c in cells})
         size = (5.2 * len(dims), 3.9 * len(modes) + 0.9)
         fig, axes = plt.subplots(len(modes), len(dims), figsize=size, squeeze=False)
         for (r, mode), (col, dim) in ((rm, cd) for rm in enumerate(modes) for cd in enumerate(dims)):

@@ -196,10 +196,11 @@ def test_a_cell_records_its_outcome_and_the_run_goes_on(tmp_path):
 
 def test_pytest_outcome_is_read_from_its_report(tmp_path):
     (tmp_path / "test_sample.py").write_text("def test_a():\n    pass\n\ndef test_b():\n    assert 1 == 2\n")
-    record = core.run_pytest(["-q", "test_sample.py"], timeout_s=120, cwd=tmp_path)
+    record = core.run_pytest(["-q", "test_sample.py"], time_limit=120, cwd=tmp_path)
     assert (record["status"], record["passed"], record["failed"]) == ("failed", 1, 1)
     assert record["first_failure"].startswith("test_sample::test_b: assert 1 == 2")
-    assert core.run_pytest(["-q", "-k", "nothing"], timeout_s=120, cwd=tmp_path)["status"] == "failed: no test selected"
+    nothing = core.run_pytest(["-q", "-k", "nothing"], time_limit=120, cwd=tmp_path)
+    assert nothing["status"] == "failed: no test selected"
     assert core.run_cuda_tests("cpu", 60)["status"].startswith("not run: this run is on cpu")
 
 
