@@ -30,6 +30,7 @@ import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,7 +166,7 @@ class Timer:
     min_calls: int = 5
     max_calls: int = 50
     warmup: int = 1
-    on_samples: object = None
+    on_samples: Callable[[list[float]], None] | None = None
 
     def samples_ms(self, fn, device) -> list[float]:
         if torch.device(device).type == "cuda":
