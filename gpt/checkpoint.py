@@ -11,7 +11,7 @@ A checkpoint is a dict (format 3):
     model_config  dataclasses.asdict(GPTConfig)
     vocab         Vocab.state_dict()
     train_config  dataclasses.asdict(TrainConfig): the run's settings, the model's options under "model"
-    optimizer     the optimizer's state_dict
+    optimizer     the optimizer's state_dict: gpt.step.Optimizers' (Muon + AdamW, the default) or AdamW's (--no-muon)
     scaler        GradScaler state_dict (empty unless --dtype float16)
     step          optimizer steps done
     schedule      Schedule.state_dict(): the run's length and where its learning-rate decay started

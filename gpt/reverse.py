@@ -20,12 +20,14 @@ t, and scores ~100% on the first half as well: it cheats, and the mask is what p
     python -m gpt.reverse --attn reference --out runs/reverse     # or: gpt-reverse --out runs/reverse
 """
 
+import argparse
+import functools
 import json
 import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -33,9 +35,11 @@ import torch
 import kernels
 
 from .cli import MAX_SEED, ArgumentParser, check_number, pick_device, resolve_attention, run_program
+from .config import add_flag
 from .footprint import check_memory
-from .model import GPT, POS_EMBEDDINGS, GPTConfig
+from .model import GPT, POS_EMBEDDINGS, GPTConfig, option
 from .runfiles import RunLock, atomic_write, check_room, prepare_out
+from .step import train_step
 
 SEPARATOR = 10  # digits are ids 0..9
 VOCAB_SIZE = 11
@@ -47,15 +51,17 @@ MIN_DIGITS, MAX_DIGITS = 4, 18  # 10^4 sequences >> N_HELD_OUT; 10^18 still fits
 
 @dataclass
 class ReverseSettings:
-    n_digits: int = 8
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 3e-3
-    seed: int = 0
-    attn: str = "reference"
-    pos_embedding: str = "learned"
-    causal: bool = True
-    device: str = "cpu"
+    """Every setting of a reversal run; build_parser generates the flags from these fields."""
+
+    n_digits: int = option(8, f"digits per sequence ({MIN_DIGITS}..{MAX_DIGITS}); the model reads 2n tokens")
+    steps: int = option(1000, "training steps, one fresh batch each")
+    batch_size: int = option(64, "sequences per batch")
+    lr: float = option(3e-3, "AdamW learning rate (constant; gradients clipped to norm 1)")
+    seed: int = option(0, "seed of the initial weights and of the training sequences")
+    attn: str = option("reference", "attention backend", choices=kernels.BACKEND_CHOICES)
+    pos_embedding: str = option("learned", "how the model sees positions", choices=POS_EMBEDDINGS)
+    causal: bool = option(True, "the causal mask; its flag is --no-mask")
+    device: str = option("cpu", "cpu, cuda, cuda:1, ...")
 
     def validate(self) -> None:
         """Each setting finite and in its range, or a one-line ValueError."""
@@ -132,7 +138,8 @@ def train_model(
     lr: float,
     after_backward: Callable[[int, GPT], None] | None = None,
 ) -> list[float]:
-    """AdamW on next-token loss for `steps` batches; returns the loss of every step.
+    """AdamW on next-token loss for `steps` batches, one gpt.step.train_step each (gradients
+    clipped to norm 1); returns the loss of every step.
 
     after_backward(step, model) runs once the gradients exist, before the update (to record them).
     """
@@ -140,14 +147,8 @@ def train_model(
     model.train()
     losses = []
     for step in range(steps):
-        inputs, targets = next(batches)
-        _, loss = model(inputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if after_backward is not None:
-            after_backward(step, model)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        record = None if after_backward is None else functools.partial(after_backward, step, model)
+        loss = train_step(model, optimizer, [next(batches)], lr=lr, grad_clip=1.0, after_backward=record)
         losses.append(loss.item())
     return losses
 
@@ -186,45 +187,36 @@ def position_labels(n_digits: int) -> list[str]:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m gpt.reverse", description=__doc__.split("\n")[0])
-    defaults = ReverseSettings()
+    """One flag per ReverseSettings field (as gpt.config makes gpt.train's), but the mask's:
+    --no-mask, a control that removes it. Flags not given are absent from the parsed namespace."""
+    parser = ArgumentParser(
+        prog="python -m gpt.reverse", description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS
+    )
     parser.add_argument("--out", required=True, help="directory for reverse.json")
-    parser.add_argument("--attn", choices=kernels.BACKEND_CHOICES, default=defaults.attn, help="attention backend")
     parser.add_argument(
         "--no-mask",
-        action="store_true",
+        dest="causal",
+        action="store_false",
         help="debugging control: remove the causal mask so positions see the future (cheats)",
     )
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--n-digits", type=int, default=defaults.n_digits)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--pos-embedding", choices=POS_EMBEDDINGS, default=defaults.pos_embedding)
-    parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
+    for f in fields(ReverseSettings):
+        if f.name != "causal":
+            add_flag(parser, f)
     return parser
 
 
 def settings_from_flags(args) -> tuple[ReverseSettings, Path]:
     """Parsed flags -> (settings, output directory); a bad value, or a batch that cannot fit the
     device, raises a one-line ValueError."""
-    settings = ReverseSettings(
-        n_digits=args.n_digits,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        attn=args.attn,
-        pos_embedding=args.pos_embedding,
-        causal=not args.no_mask,
-        device=args.device,
-    )
+    given = vars(args)
+    out = Path(given.pop("out"))
+    settings = ReverseSettings(**given)
     settings.validate()
     device = pick_device(settings.device)
     # Triton loads on first use: fail here, in one line, not mid-training.
     settings = replace(settings, attn=resolve_attention(settings.attn, device), device=str(device))
     check_memory(settings.model_config(), device, settings.batch_size, 2 * settings.n_digits)
-    return settings, Path(args.out)
+    return settings, out
 
 
 def reverse_from_flags(args) -> int:
