@@ -51,12 +51,21 @@ import torch
 import kernels
 
 try:
+    import transformers
     from transformers import AttentionInterface, masking_utils
     from transformers.masking_utils import AttentionMaskInterface
 except ImportError as err:  # transformers is an optional dependency
     raise ImportError(
         f"kernels.hf needs transformers ({err}); install it with: pip install 'shakespeare-gpt[hf]'"
     ) from None
+
+# 5.4 is the first release whose mask functions get the queries' and keys' offsets (before, a
+# cache_position tensor); 6 may change the interfaces again.
+if not (5, 4) <= tuple(int(part) for part in transformers.__version__.split(".")[:2]) < (6, 0):
+    raise ImportError(
+        f"kernels.hf needs transformers>=5.4,<6, found {transformers.__version__}; "
+        "install it with: pip install 'shakespeare-gpt[hf]'"
+    )
 
 # Words transformers reads inside an implementation's name: "flash" turns on FlashAttention's
 # code paths, "sdpa" and "flex_attention" their checks, "paged" continuous batching, "eager"

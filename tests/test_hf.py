@@ -507,3 +507,13 @@ def test_the_mask_function_refuses_arguments_it_does_not_know():
             block_sizes=(64, 64),
         )
     one_line_error(err, "passed block_sizes to the mask function", "transformers >=5.4,<6")
+
+
+def test_a_transformers_release_outside_the_supported_range_is_refused_at_import():
+    code = "import transformers; transformers.__version__ = '5.3.0'; import kernels.hf"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ImportError: kernels.hf needs transformers>=5.4,<6, found 5.3.0; install it with: "
+        "pip install 'shakespeare-gpt[hf]'"
+    )
