@@ -19,6 +19,7 @@ plain model (GPT-2) and the one that needs every feature (Gemma 2).
 """
 
 import copy
+import inspect
 import subprocess
 import sys
 
@@ -230,13 +231,15 @@ def test_empty_static_cache_prefill_and_decode_match_eager(monkeypatch, family, 
     lacking = missing(family, backend, padded)
     outputs = []
     for model in (ours, eager):
-        cache = transformers.StaticCache(config=model.config, max_cache_len=slots)
+        # The cache's keyword: `past_key_values` until transformers 5.23, `cache` since 5.24 (the old name goes in 5.40).
+        keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        cache = {keyword: transformers.StaticCache(config=model.config, max_cache_len=slots)}
         if model is ours and lacking:
             with pytest.raises(ValueError) as err:
-                model(ids[:, :prompt], attention_mask=mask, past_key_values=cache)
+                model(ids[:, :prompt], attention_mask=mask, **cache)
             return assert_refused(err, backend, lacking)
-        prefill = model(ids[:, :prompt], attention_mask=mask, past_key_values=cache).logits
-        decode = model(ids[:, prompt : prompt + 1], attention_mask=mask, past_key_values=cache).logits
+        prefill = model(ids[:, :prompt], attention_mask=mask, **cache).logits
+        decode = model(ids[:, prompt : prompt + 1], attention_mask=mask, **cache).logits
         outputs.append((prefill, decode))
     calls.assert_served_all()
     (prefill, decode), (expected_prefill, expected_decode) = outputs
