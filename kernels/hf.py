@@ -20,13 +20,14 @@ is the last key. The two agree once every key that is padding, an empty static-c
 or (with causal masks) after the last query is dropped: that is what the mask function
 works out, from the 2-D padding mask and the offsets, and returns as a `KernelMask`:
 
-- every key it keeps in every row, and every query real: one dense `kernels.attention`
-  call on a prefix of the keys (no copy);
-- otherwise (padding, a batch of prompts of different lengths): `kernels.varlen_attention`
-  on the real tokens of each row packed back to back, as FlashAttention does, so padding
-  costs nothing and no copy of K or V is repeated per query head. Queries on padding
-  tokens come out as zeros (eager attention gives them an average of arbitrary values;
-  nothing downstream reads them).
+- no padding among the keys it keeps: one dense `kernels.attention` call on a prefix of
+  the keys (a view, no copy);
+- otherwise (a batch of prompts of different lengths): `kernels.varlen_attention` on the
+  real tokens of each row packed back to back, as FlashAttention does, so padding costs
+  nothing. Queries on padding tokens come out as zeros (eager attention gives them an
+  average of arbitrary values): a loss should leave out predictions made there.
+
+K and V are never repeated per query head: the kernels read grouped kv heads themselves.
 
 Mapped: causal masks, sliding windows (`window`), padding (`varlen_attention`), grouped
 kv heads (passed through), `scaling` (`scale`), `softcap` (Gemma 2), attention dropout
@@ -39,7 +40,9 @@ attention weights, and any other argument that could change the result. The back
 own refusals (a feature it lacks, see kernels.FEATURES) come through with the layer named.
 
 Reading the padding mask and planning the packing happens on the host, once per forward
-and mask kind (a device sync on a GPU), so this path is not for torch.compile.
+and mask kind (a device sync on a GPU), and a sliding-window layer's mask pattern is
+evaluated once per forward (q_len x kv_len booleans) to check it is the kernel's; this path
+is not for torch.compile.
 """
 
 import dataclasses
@@ -49,6 +52,7 @@ from typing import NamedTuple
 import torch
 
 import kernels
+from kernels import reference
 
 try:
     import transformers
@@ -201,18 +205,6 @@ def register(name: str = "gpt_kernels", backend: str = "auto") -> str:
     return name
 
 
-def _key_positions_visible(q_len, kv_len, q_offset, kv_offset, causal, window, device) -> torch.Tensor:
-    """(q_len, kv_len) bool: the causal / sliding-window pattern in transformers' absolute positions."""
-    query_pos = torch.arange(q_len, device=device)[:, None] + q_offset
-    key_pos = torch.arange(kv_len, device=device)[None, :] + kv_offset
-    visible = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
-    if causal:
-        visible &= key_pos <= query_pos
-    if window is not None:
-        visible &= key_pos > query_pos - window
-    return visible
-
-
 def _mask_pattern(mask_function, local_size, batch_size, q_len, kv_len, q_offset, kv_offset, use_vmap, device):
     """(causal, window) of transformers' mask function, or a one-line error if the kernel cannot compute it.
 
@@ -237,10 +229,14 @@ def _mask_pattern(mask_function, local_size, batch_size, q_len, kv_len, q_offset
         use_vmap=use_vmap,
         device=device,
     )  # (batch or 1, 1, q_len, kv_len)
+    # In transformers' positions the kernel's pattern is its bottom-right one on the keys up to the
+    # last query, and the keys after it are hidden by causality (seen without it).
+    seen = q_offset - kv_offset + q_len  # keys up to the last query
     candidates = [(True, local_size)] if local_size is not None else [(True, None), (False, None)]
     for causal, window in candidates:
-        expected = _key_positions_visible(q_len, kv_len, q_offset, kv_offset, causal, window, device)
-        if torch.equal(allowed, expected.expand_as(allowed)):
+        up_to_last_query = reference.visible_keys(q_len, seen, causal=causal, window=window, device=device)
+        after = torch.full((q_len, kv_len - seen), not causal, dtype=torch.bool, device=device)
+        if torch.equal(allowed, torch.cat([up_to_last_query, after], dim=1).expand_as(allowed)):
             return causal, window
     raise ValueError(
         "this layer's attention mask is not one the kernel computes (causal, causal with a sliding window, or "
@@ -279,6 +275,12 @@ def kernel_mask(
             "it supports transformers >=5.4,<6"
         )
     q_offset = int(q_offset)  # a tensor with a static cache
+    first_query = q_offset - kv_offset  # the key index of query 0
+    if first_query < 0 or first_query + q_length > kv_length:
+        raise ValueError(
+            f"queries at positions {q_offset}..{q_offset + q_length - 1} are not among the keys at "
+            f"{kv_offset}..{kv_offset + kv_length - 1}: kernels.hf serves self-attention over a cache"
+        )
     causal, window = _mask_pattern(
         mask_function, local_size, batch_size, q_length, kv_length, q_offset, kv_offset, use_vmap, device
     )
@@ -287,12 +289,6 @@ def kernel_mask(
         if attention_mask.spec != spec:
             raise ValueError("the attention mask passed in was planned by kernels.hf for another forward")
         return attention_mask
-    first_query = q_offset - kv_offset  # the key index of query 0
-    if first_query < 0 or first_query + q_length > kv_length:
-        raise ValueError(
-            f"queries at positions {q_offset}..{q_offset + q_length - 1} are not among the keys at "
-            f"{kv_offset}..{kv_offset + kv_length - 1}: kernels.hf serves self-attention over a cache"
-        )
     if attention_mask is None:
         real = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
     else:  # (batch, positions) -> the keys' slots; positions past the mask's end are padding

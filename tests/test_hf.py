@@ -217,21 +217,23 @@ def test_greedy_generation_matches_eager(monkeypatch, family, backend, padded, c
         torch.testing.assert_close(logits, expected_logits, **TOLERANCE, msg=lambda m: f"step {step}: {m}")
 
 
+@pytest.mark.parametrize("prompt", [2, 5], ids=["prompt-within-the-window", "prompt-past-the-window"])
 @pytest.mark.parametrize("padded", [False, True], ids=["no-mask", "left-padded-mask-over-every-slot"])
 @pytest.mark.parametrize("family, backend", CASES)
-def test_empty_static_cache_prefill_and_decode_match_eager(monkeypatch, family, backend, padded):
+def test_empty_static_cache_prefill_and_decode_match_eager(monkeypatch, family, backend, padded, prompt):
     # transformers aligns an empty static cache's prefill top-left: the queries are its first slots,
     # and the empty slots after them are keys too, which only causality hides (with no mask, or
-    # with a mask that marks every slot real, as a caller may pass).
+    # with a mask that marks every slot real, as a caller may pass). A sliding-window layer's cache
+    # has window slots, so a prompt shorter than the window leaves empty slots there too.
     ours, eager = models(family, implementation(backend))
     ids, mask = batch(padded)
-    prompt, slots = 5, LENGTH + 4
+    slots = LENGTH + 4
     mask = torch.cat([mask[:, :prompt], torch.ones(BATCH, slots - prompt, dtype=torch.long)], dim=1) if padded else None
     calls = KernelCalls(monkeypatch, ours)
     lacking = missing(family, backend, padded)
     outputs = []
     for model in (ours, eager):
-        # The cache's keyword: `past_key_values` until transformers 5.23, `cache` since 5.24 (the old name goes in 5.40).
+        # The cache's keyword: `past_key_values` until transformers 5.23, `cache` since 5.24 (5.40 drops the old).
         keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         cache = {keyword: transformers.StaticCache(config=model.config, max_cache_len=slots)}
         if model is ours and lacking:
@@ -423,18 +425,24 @@ def test_alibi_models_which_compute_attention_themselves_are_refused():
     one_line_error(err, "used the attention mask as a tensor", "computes attention itself")
 
 
-def direct_call(module=None, **arguments):
-    """Our attention function called as a model calls it, on a plain causal mask; returns (out, q, k, v)."""
-    mask = kernels.hf.kernel_mask(
+def causal_mask(q_length=LENGTH, q_offset=0, **unknown):
+    """kernels.hf's plan for a plain causal mask over LENGTH keys, as transformers asks for it."""
+    return kernels.hf.kernel_mask(
         batch_size=BATCH,
-        q_length=LENGTH,
+        q_length=q_length,
         kv_length=LENGTH,
-        q_offset=0,
+        q_offset=q_offset,
         kv_offset=0,
         mask_function=transformers.masking_utils.causal_mask_function,
         attention_mask=None,
         device="cpu",
+        **unknown,
     )
+
+
+def direct_call(module=None, **arguments):
+    """Our attention function called as a model calls it, on a plain causal mask; returns (out, q, k, v)."""
+    mask = causal_mask()
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(BATCH, heads, LENGTH, 16, generator=generator) for heads in (4, 2, 2))
     options = dict(attention_mask=mask, scaling=0.25) | arguments
@@ -481,34 +489,14 @@ def test_arguments_the_kernel_cannot_honour_are_refused(arguments, fragments):
 
 
 def test_a_mask_for_other_shapes_is_refused():
-    mask = kernels.hf.kernel_mask(
-        batch_size=BATCH,
-        q_length=LENGTH - 1,
-        kv_length=LENGTH,
-        q_offset=1,
-        kv_offset=0,
-        mask_function=transformers.masking_utils.causal_mask_function,
-        attention_mask=None,
-        device="cpu",
-    )
     with pytest.raises(ValueError) as err:
-        direct_call(attention_mask=mask)
+        direct_call(attention_mask=causal_mask(q_length=LENGTH - 1, q_offset=1))
     one_line_error(err, "q_len 8 and kv_len 8, but the mask was built for batch 2, q_len 7 and kv_len 8")
 
 
 def test_the_mask_function_refuses_arguments_it_does_not_know():
     with pytest.raises(ValueError) as err:
-        kernels.hf.kernel_mask(
-            batch_size=1,
-            q_length=1,
-            kv_length=1,
-            q_offset=0,
-            kv_offset=0,
-            mask_function=transformers.masking_utils.causal_mask_function,
-            attention_mask=None,
-            device="cpu",
-            block_sizes=(64, 64),
-        )
+        causal_mask(block_sizes=(64, 64))
     one_line_error(err, "passed block_sizes to the mask function", "transformers >=5.4,<6")
 
 
