@@ -41,8 +41,9 @@ own refusals (a feature it lacks, see kernels.FEATURES) come through with the la
 
 Reading the padding mask and planning the packing happens on the host, once per forward
 and mask kind (a device sync on a GPU), and a sliding-window layer's mask pattern is
-evaluated once per forward (q_len x kv_len booleans) to check it is the kernel's; this path
-is not for torch.compile.
+evaluated once per forward (q_len x kv_len booleans) to check it is the kernel's. Under
+torch.compile (generate() turns it on for static caches on a GPU) those host reads break
+the graph; the results stay the same.
 """
 
 import dataclasses
