@@ -195,8 +195,7 @@ def register(name: str = "gpt_kernels", backend: str = "auto") -> str:
     reserved = next((word for word in _RESERVED_WORDS if word in name), None)
     if reserved is not None:
         raise ValueError(f"name must not contain {reserved!r}: transformers gives that word a meaning; got {name!r}")
-    if backend not in kernels.BACKEND_CHOICES:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(kernels.BACKEND_CHOICES)}")
+    kernels.resolve_backend(backend, "cpu")  # refuses an unknown backend name
     if backend == "triton":
         reason = kernels.unavailable_reason("triton", "cuda" if torch.cuda.is_available() else "cpu")
         if reason is not None:
