@@ -1,17 +1,30 @@
-"""pytest wiring of the benchmark suites.
+"""pytest wiring of the benchmark suites: thin adapters over the measurement core (bench/core.py).
 
-* A plain `pytest` run skips every test that uses the `benchmark` fixture (as if
-  --benchmark-skip were given): benchmarks run only with --benchmark-only or --benchmark-enable
-  (or once each, untimed, with --benchmark-disable: a smoke test of the benchmark code).
-* The device, its name and the torch / Triton / CUDA versions go into the benchmark JSON
-  (machine_info["bench_env"] and, with the date, a top-level "bench_env"); each attention and
-  training benchmark gets its ratio to sdpa from the same run (extra_info["speedup_vs_sdpa"]).
-* After a benchmark run, the terminal summary prints the TFLOP/s tables of bench.report.
+* A plain `pytest` skips every test that uses the `benchmark` fixture (as if --benchmark-skip
+  were given): the suites run with --benchmark-only (or --benchmark-enable).
+* Each benchmark is one cell of one core.Run, measured by the core timer and recorded in
+  --bench-out/bench.json (default bench/results/<device>/; the layout of bench/schema.py, the same
+  as bench.quick's quick.json), with bench.md rewritten after every cell and the plots at the end.
+* pytest-benchmark is handed the same timer's samples, so its terminal table, --benchmark-json
+  and --benchmark-compare show the numbers bench.json has.
+* A cell that cannot run here is skipped with its reason; one that fails, fails.
 """
 
-import os
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--bench-out",
+        type=Path,
+        default=None,
+        help="folder for the benchmark suites' bench.json, bench.md and plots (default: bench/results/<device>/)",
+    )
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -20,54 +33,65 @@ def pytest_configure(config):
     option = config.option
     if not hasattr(option, "benchmark_skip"):
         return  # pytest-benchmark is not installed or disabled with -p no:benchmark
-    # --benchmark-disable asks to run each benchmark body once, untimed (a smoke test): allowed too.
-    wants_benchmarks = any(
-        getattr(option, name, False) for name in ("benchmark_only", "benchmark_enable", "benchmark_disable")
-    )
-    if not wants_benchmarks:
+    if not (getattr(option, "benchmark_only", False) or getattr(option, "benchmark_enable", False)):
         option.benchmark_skip = True
 
 
 def pytest_report_header(config):
     if getattr(config.option, "benchmark_skip", False):
         return "benchmarks: skipped (run them with --benchmark-only)"
-    from bench.common import environment
+    from bench import core, plans
 
-    env = environment()
-    return (
-        f"benchmarks on {env['device']} ({env['device_name']}): torch {env['torch']}, "
-        f"triton {env['triton']}, CUDA {env['cuda']}"
-    )
+    env = core.environment(plans.suite().device)
+    return f"benchmarks on {env['device']} ({env['device_name']}): torch {env['torch']}, triton {env['triton']}"
 
 
-def pytest_benchmark_update_machine_info(config, machine_info):
-    from bench.common import environment
+@pytest.fixture(scope="session")
+def bench_run(request):
+    from bench import core, plans
 
-    machine_info["bench_env"] = dict(environment())
+    device = plans.suite().device
+    out = request.config.getoption("--bench-out") or RESULTS_DIR / core.device_slug(core.environment(device))
+    run = core.Run(out / "bench.json", device, " ".join(["pytest", *request.config.invocation_params.args]))
+    run.section("first_call", "running")
+    yield run
+    for entry in run.results["sections"].values():
+        if entry["cells"] or entry["status"] == "running":
+            entry["status"] = "done"
+    run.finish()
+    print(f"\nbenchmark results: {run.path} and {run.path.with_suffix('.md').name}")
 
 
-def pytest_benchmark_update_json(config, benchmarks, output_json):
-    from bench.common import environment, now_utc
-    from bench.report import annotate_ratios
+class Recorder:
+    """bench(section, key, measure): one cell of the session's run, reported to pytest and pytest-benchmark."""
 
-    env = dict(environment(), date=now_utc())
-    if hasattr(os, "getloadavg"):
-        env["load_average"] = [round(x, 2) for x in os.getloadavg()]  # 1/5/15 min, at the end of the run
-    output_json["bench_env"] = env
-    annotate_ratios(output_json["benchmarks"])
+    def __init__(self, run, benchmark):
+        self.run, self.benchmark = run, benchmark
+
+    def timer(self, timer):
+        """`timer`, handing its samples to pytest-benchmark as this benchmark's statistics."""
+        return replace(timer, on_samples=self.samples)
+
+    def samples(self, seconds: list[float]) -> None:
+        """Timings in seconds, as this benchmark's pytest-benchmark statistics (the first given)."""
+        if self.benchmark.stats is None:  # pytest-benchmark has no public way in for timings made elsewhere
+            stats = self.benchmark._make_stats(1)
+            for s in seconds:
+                stats.update(s)
+
+    def __call__(self, section: str, key: dict, measure) -> dict:
+        self.benchmark._mode = "bench.core.Timer"  # used, if only through its statistics
+        self.benchmark.group = f"{section} " + " ".join(f"{k}={v}" for k, v in key.items() if k != "backend")
+        self.benchmark.extra_info.update(key)
+        cell = self.run.cell(section, key, measure)
+        if cell["status"].startswith("skipped"):
+            pytest.skip(cell["status"].removeprefix("skipped: "))
+        if cell["status"] != "ok":
+            pytest.fail(f"{cell['status']}\n{cell.get('traceback', '')}", pytrace=False)
+        self.benchmark.extra_info.update(cell["result"])
+        return cell["result"]
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    session = getattr(config, "_benchmarksession", None)
-    if session is None or getattr(config.option, "benchmark_skip", False):
-        return
-    results = [b.as_dict(include_data=False) for b in session.benchmarks if b and not b.has_error]
-    if not results:
-        return
-    from bench.report import summary_text
-
-    text = summary_text(results)
-    if text:
-        terminalreporter.write_sep("=", "attention / training summary (median times)")
-        terminalreporter.write_line(text)
+@pytest.fixture
+def bench(bench_run, benchmark) -> Recorder:
+    return Recorder(bench_run, benchmark)

@@ -1,388 +1,252 @@
-"""Turn a pytest-benchmark JSON into markdown tables and PNG plots.
+"""The one renderer: markdown tables and PNG plots from a results file (bench/schema.py).
 
-    PYTHONPATH=. pytest bench --benchmark-only --benchmark-json=bench/results/h100/bench.json
-    python -m bench.report bench/results/h100/bench.json --out bench/results/h100
-    python -m bench.report attention.json memory.json training.json --out DIR   # one machine, several runs
+    python -m bench.report bench/results/cpu/bench.json              # rewrites bench.md and the plots beside it
+    python -m bench.report out/quick.json --out DIR
 
-Writes OUT/report.md and OUT/attention_<dtype>.png (TFLOP/s against sequence length, one panel
-per pass and head dim), OUT/memory.png and OUT/training.png when those suites ran.
-
-Numbers come from the benchmarks' own statistics (--stat, median by default): TFLOP/s =
-extra_info["flops"] / time, and "x sdpa" is sdpa's time over the backend's time for the same
-problem (same benchmark group) in the same run, i.e. > 1 means faster than sdpa.
+bench.quick and the pytest suites call it after every cell (markdown) and at the end (plots).
+In every table a cell reads "number (x×)": x is the speed relative to sdpa (its default dispatch)
+on the same problem in the same run, > 1 is faster: sdpa's time over the backend's, or the
+backend's throughput over sdpa's. A cell that did not run shows the first word of its status;
+"Not measured" at the end lists why.
 """
 
 import argparse
 import json
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
-from bench.backends import ATTENTION_BACKENDS, BASELINE
-from bench.flops import tflops
+from bench import schema
+from bench.backends import BACKENDS, BASELINE
 
-MODE_NAMES = {"fwd": "forward", "fwd_bwd": "forward + backward"}
-RATIO_KINDS = ("attention", "training")
-COLORS = {
-    "reference": "tab:gray",
-    "sdpa": "tab:blue",
-    "sdpa-flash": "tab:orange",
-    "sdpa-efficient": "tab:green",
-    "sdpa-cudnn": "tab:purple",
-    "flex": "tab:red",
-    "triton": "black",
-}
+PASS_NAMES = {"fwd": "forward", "fwd_bwd": "forward + backward", "decode": "decode"}
+LARGER_IS_FASTER = ("tflops", "tokens_per_s")
+NO_SPEED = ("peak_mib",)  # not a time: no speed relative to sdpa
+NOT_RUN_SHOWN, PLACES_SHOWN = 10, 6  # the JSON has every cell
 
 
-def line_style(backend: str) -> dict:
-    style = {"color": COLORS.get(backend), "linewidth": 1.5}
-    if backend == "triton":
-        style["linewidth"] = 2.6
-    elif backend == BASELINE:
-        style.update(linewidth=2.2, linestyle="--")
-    elif backend == "reference":
-        style["linestyle"] = ":"
-    return style
-
-
-# The GPU goals of the project (H100), checked when a CUDA run has the data.
-TARGET_FWD_TFLOPS = 450.0
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading
-# ---------------------------------------------------------------------------------------------
-
-
-def load(path) -> dict:
-    with open(path) as f:
-        data = json.load(f)
-    if "benchmarks" not in data:
-        raise ValueError(
-            f"{path} is not a pytest-benchmark JSON (no 'benchmarks' key); "
-            "make one with pytest --benchmark-only --benchmark-json=PATH"
-        )
-    return data
-
-
-SAME_ENV_KEYS = ("device", "device_name", "torch", "triton", "cuda")
-
-
-def load_many(paths) -> dict:
-    """Several JSONs of one machine (e.g. the suites run as separate commands) as one; each
-    benchmark remembers its file in b["run"], so ratios to sdpa stay within one run."""
-    runs = [load(p) for p in paths]
-    envs = [environment_of(d) for d in runs]
-    for path, env in zip(paths[1:], envs[1:]):
-        differ = [k for k in SAME_ENV_KEYS if env.get(k) != envs[0].get(k)]
-        if differ:
-            raise ValueError(
-                f"{path} differs from {paths[0]} in {', '.join(differ)}: "
-                "report runs of different devices or versions separately"
-            )
-    merged = dict(runs[0], benchmarks=[])
-    for i, data in enumerate(runs):
-        for b in data["benchmarks"]:
-            merged["benchmarks"].append(dict(b, run=i))
-    dates = sorted(str(env.get("date", "?"))[:10] for env in envs)
-    merged["bench_env"] = dict(envs[0], date=dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}")
-    return merged
-
-
-def environment_of(data: dict) -> dict:
-    """Device and versions: bench/conftest.py writes them; older or foreign JSONs get a fallback."""
-    env = dict(data.get("machine_info", {}).get("bench_env", {}))
-    env.update(data.get("bench_env", {}))
-    if "device_name" not in env:
-        cpu = data.get("machine_info", {}).get("cpu", {})
-        env.setdefault("device", "unknown")
-        env["device_name"] = cpu.get("brand_raw") or data.get("machine_info", {}).get("processor") or "unknown"
-    env.setdefault("date", data.get("datetime", "unknown date"))
-    return env
-
-
-def env_caption(env: dict) -> str:
-    device = str(env.get("device", "?")).upper()
-    date = str(env.get("date", "?"))[:10]
-    return (
-        f"{device} · {env.get('device_name', '?')} · torch {env.get('torch', '?')} · "
-        f"triton {env.get('triton') or 'none'} · CUDA {env.get('cuda') or 'none'} · {date}"
-    )
-
-
-def seconds(bench: dict, stat: str = "median") -> float:
-    return float(bench["stats"][stat])
-
-
-def info(bench: dict) -> dict:
-    return bench.get("extra_info") or {}
-
-
-def of_kind(benchmarks, kind: str) -> list:
-    return [b for b in benchmarks if info(b).get("kind") == kind]
-
-
-def backend_sort_key(name: str):
-    order = ATTENTION_BACKENDS
-    return (order.index(name) if name in order else len(order), name)
-
-
-def ratio_key(bench: dict) -> tuple:
-    """Which benchmark this is within a (merged) JSON: b["run"] says which file it came from."""
-    return bench.get("run"), bench.get("group"), info(bench).get("backend")
-
-
-def speedups(benchmarks, stat: str = "median") -> dict:
-    """{ratio_key: sdpa's time / this benchmark's time}, within each benchmark group of one run,
-    for the kinds that have a ratio. Reads the benchmarks, never changes them."""
-    with_ratio = [b for b in benchmarks if info(b).get("kind") in RATIO_KINDS and b.get("stats")]
-    baseline = {
-        (b.get("run"), b.get("group")): seconds(b, stat) for b in with_ratio if info(b).get("backend") == BASELINE
-    }
-    return {
-        ratio_key(b): baseline[(b.get("run"), b.get("group"))] / seconds(b, stat)
-        for b in with_ratio
-        if (b.get("run"), b.get("group")) in baseline
-    }
-
-
-def annotate_ratios(benchmarks, stat: str = "median") -> None:
-    """Write each ratio into the benchmark JSON itself: extra_info["speedup_vs_sdpa"] (bench/conftest.py)."""
-    ratios = speedups(benchmarks, stat)
-    for b in benchmarks:
-        if ratio_key(b) in ratios:
-            b["extra_info"]["speedup_vs_sdpa"] = ratios[ratio_key(b)]
-
-
-def fmt(x: float | None) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+def fmt(x) -> str:
+    if x is None:
         return "—"
-    if x >= 100:
-        return f"{x:.0f}"
-    if x >= 10:
-        return f"{x:.1f}"
-    if x >= 1:
-        return f"{x:.2f}"
+    if isinstance(x, str):
+        return x
+    if abs(x) >= 100:
+        return f"{x:,.0f}"
     return f"{x:.3g}"
 
 
-def fmt_ratio(r: float | None) -> str:
-    if r is None:
+def backend_order(name: str):
+    """Our kernel and its variants first, then the others in registration order."""
+    order = list(BACKENDS)
+    return (not (name in BACKENDS and BACKENDS[name].ours), order.index(name) if name in order else len(order), name)
+
+
+def markdown_table(header: list, rows: list) -> list:
+    return [
+        "| " + " | ".join(map(str, header)) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|",
+        *("| " + " | ".join(map(str, row)) + " |" for row in rows),
+    ]
+
+
+def speed_vs_sdpa(results: dict, section: str, cell: dict, field: str):
+    if cell.get("backend") == BASELINE or field in NO_SPEED:
+        return None
+    ours, theirs = schema.number(cell, field), schema.number(schema.peer(results, section, cell, BASELINE), field)
+    if ours is None or not theirs or not ours:
+        return None
+    return ours / theirs if field in LARGER_IS_FASTER else theirs / ours
+
+
+def shown(results: dict, section: str, cell: dict | None, field: str, scale: float = 1.0) -> str:
+    """A table cell: the number and its speed relative to sdpa, or why there is none."""
+    if cell is None:
         return "—"
-    return f"{r:.2f}×" if r >= 0.01 else f"{r:.2g}×"
+    if cell["status"] != "ok":
+        return cell["status"].split(":")[0]
+    value = schema.number(cell, field)
+    text = fmt(None if value is None else value * scale)
+    speed = speed_vs_sdpa(results, section, cell, field)
+    return text if speed is None else f"{text} ({speed:.2f}×)"
 
 
-def _markdown(header: list, rows: list) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables
-# ---------------------------------------------------------------------------------------------
-
-
-def attention_index(benchmarks, stat: str = "median", suite: str = "main") -> dict:
-    """{(dtype, mode): {(head_dim, seqlen): {backend: (tflops, ratio, bench)}}} for one suite."""
-    ratios = speedups(benchmarks, stat)
-    index = defaultdict(lambda: defaultdict(dict))
-    for b in of_kind(benchmarks, "attention"):
-        i = info(b)
-        if i.get("suite", "main") != suite:
-            continue
-        ratio = ratios.get(ratio_key(b))
-        index[(i["dtype"], i["mode"])][(i["head_dim"], i["seqlen"])][i["backend"]] = (
-            tflops(i["flops"], seconds(b, stat)),
-            ratio,
-            b,
-        )
-    return index
-
-
-def attention_suites(benchmarks) -> list:
-    suites = {info(b).get("suite", "main") for b in of_kind(benchmarks, "attention")}
-    return sorted(suites, key=lambda s: (s != "main", s))
-
-
-SUITE_TITLES = {"main": "", "tiny": " — tiny problem for Triton's CPU interpreter"}
-
-
-def attention_tables(benchmarks, stat: str = "median", caption: str | None = None) -> str:
-    """One markdown table per (suite, dtype, pass): rows seqlen x head dim, a TFLOP/s (x sdpa) cell per backend."""
-    out = []
-    for suite in attention_suites(benchmarks):
-        out += _attention_tables(benchmarks, stat, caption, suite)
-    return "\n".join(out)
-
-
-def _attention_tables(benchmarks, stat, caption, suite) -> list:
-    out = []
-    index = attention_index(benchmarks, stat, suite)
-    for (dtype, mode), rows in sorted(index.items(), key=lambda kv: (kv[0][0], kv[0][1] != "fwd")):
-        backends = sorted({name for cells in rows.values() for name in cells}, key=backend_sort_key)
-        header = ["seqlen", "head dim", "batch × heads"] + [
-            f"{name} TFLOP/s" + ("" if name == BASELINE else " (× sdpa)") for name in backends
-        ]
+def grid(results: dict, table: "Table", fields: list) -> list:
+    found = schema.cells(results, table.section)
+    lines = []
+    for part in dict.fromkeys(tuple(c.get(k) for k in table.split) for c in found):
+        cells = [c for c in found if tuple(c.get(k) for k in table.split) == part]
+        names = sorted({c["backend"] for c in cells}, key=backend_order)
+        by_row = defaultdict(dict)
+        for c in cells:
+            by_row[tuple(c.get(k) for k in table.rows)][c["backend"]] = c
+        header = [k.replace("_", " ") for k in table.rows] + [f"{n} {unit}" for _, unit, _ in fields for n in names]
         body = []
-        for (head_dim, seqlen), cells in sorted(rows.items()):
-            any_bench = next(iter(cells.values()))[2]
-            row = [seqlen, head_dim, f"{info(any_bench)['batch']} × {info(any_bench)['heads']}"]
-            for name in backends:
-                if name not in cells:
-                    row.append("—")
-                    continue
-                tf, ratio, _ = cells[name]
-                row.append(fmt(tf) if name == BASELINE or ratio is None else f"{fmt(tf)} ({fmt_ratio(ratio)})")
-            body.append(row)
-        title = SUITE_TITLES.get(suite, f" — {suite}")
-        out.append(f"#### Causal attention, {MODE_NAMES.get(mode, mode)}, {dtype}{title}\n")
-        out.append(_markdown(header, body))
-        if caption:
-            out.append(f"\n_{caption}_")
-        out.append("")
-    return out
+        for row, by in by_row.items():
+            values = [shown(results, table.section, by.get(n), f, scale) for f, _, scale in fields for n in names]
+            body.append([*map(fmt, row), *values])
+        named = [f"{k.replace('_', ' ')} {PASS_NAMES.get(v, v)}" for k, v in zip(table.split, part) if v is not None]
+        title = table.title.split(":")[0].split(" (")[0]
+        lines += ["", f"#### {title}{': ' + ', '.join(named) if named else ''}", "", *markdown_table(header, body)]
+    return lines
 
 
-def memory_table(benchmarks, caption: str | None = None) -> str:
-    results = [b for b in of_kind(benchmarks, "memory") if "peak_bytes" in info(b)]
-    if not results:
-        return ""
-    backends = sorted({info(b)["backend"] for b in results}, key=backend_sort_key)
-    cells = {(info(b)["seqlen"], info(b)["backend"]): info(b)["peak_bytes"] / 2**20 for b in results}
-    first = info(results[0])
-    body = []
-    for seqlen in sorted({info(b)["seqlen"] for b in results}):
-        body.append([seqlen] + [fmt(cells.get((seqlen, name))) for name in backends])
-    text = [
-        f"#### Peak memory of forward + backward (MiB beyond the inputs), batch {first['batch']}, "
-        f"{first['heads']} heads, head dim {first['head_dim']}, {first['dtype']}\n",
-        _markdown(["seqlen"] + backends, body),
+class Table(NamedTuple):
+    """How one section becomes tables: one per value of `split`, a row per value of `rows`, a
+    column per (field, backend); fields are (result field, column unit, scale)."""
+
+    section: str
+    title: str
+    note: str
+    split: tuple
+    rows: tuple
+    fields: tuple
+
+
+TABLES = (
+    Table(
+        "kernel_table",
+        "Kernel table: TFLOP/s, causal",
+        "FLOPs: fwd 4·B·H·T²·D halved for causal, fwd + bwd 3.5× that (bench/flops.py).",
+        ("dtype", "pass", "grid"),
+        ("head_dim", "seqlen", "batch", "heads"),
+        (("tflops", "TFLOP/s", 1),),
+    ),
+    Table(
+        "host_time",
+        "Host and device time per call (µs)",
+        "host: CPU time to issue a call; device: kernel time (torch.profiler); wall: per call over a run of calls.",
+        ("pass",),
+        ("batch", "heads", "seqlen", "head_dim"),
+        (("host_us", "host", 1), ("device_us", "device", 1), ("wall_us", "wall", 1)),
+    ),
+    Table(
+        "decode",
+        "Decode: q_len 1 against a KV cache (µs per call)",
+        "device: the core timer's median; wall: per call over a run of calls (what generate pays).",
+        ("dtype",),
+        ("head_dim", "kv_len"),
+        (("ms", "device", 1e3), ("wall_us", "wall", 1)),
+    ),
+    Table(
+        "memory",
+        "Peak memory of fwd + bwd (MiB beyond the inputs)",
+        "",
+        ("dtype", "batch", "heads", "head_dim"),
+        ("seqlen",),
+        (("peak_mib", "MiB", 1),),
+    ),
+    Table(
+        "training",
+        "Training and sampling",
+        "train: gpt.train's step (gpt.step.train_step with its optimizer); sample: model.generate with the "
+        "KV cache, batch 1; time_to_loss: wall seconds from a fresh model to the validation loss.",
+        ("what",),
+        ("model", "shape", "batch_size", "seq_len", "dtype"),
+        (("tokens_per_s", "tok/s", 1), ("seconds", "s", 1)),
+    ),
+)
+
+
+def heading(title: str, *notes: str) -> list:
+    return ["", f"## {title}", *(line for note in notes for line in ("", note))]
+
+
+def environment_line(results: dict) -> str:
+    env = results["environment"]
+    parts = [
+        f"{env.get('device_name')} ({env.get('device')})",
+        f"driver {env.get('driver')}" if env.get("driver") else None,
+        f"torch {env.get('torch')}",
+        f"triton {env.get('triton')}",
+        f"CUDA {env.get('cuda')}",
+        f"cuDNN {env.get('cudnn')}",
+        f"CPU {env.get('cpu')} ({env.get('cpu_capability')}, {env.get('cpu_threads')} threads)",
+        f"load average {' / '.join(map(str, env['load_average']))}" if env.get("load_average") else None,
+        str(env.get("date")),
     ]
-    if caption:
-        text.append(f"\n_{caption}_")
-    return "\n".join(text) + "\n"
+    return " · ".join(p for p in parts if p)
 
 
-def training_configs(benchmarks) -> dict:
-    """{config name: [training benchmarks]}, in first-seen order."""
-    configs = {}
-    for b in of_kind(benchmarks, "training"):
-        configs.setdefault(info(b).get("config", "default"), []).append(b)
-    return configs
+def tests_lines(tests: dict | None) -> list:
+    if not tests:
+        return []
+    lines = heading("CUDA-only tests", f"`{tests['command']}`: **{tests['status']}**")
+    if "passed" in tests:
+        counts = ", ".join(f"{tests[k]} {k}" for k in ("passed", "failed", "errors", "skipped"))
+        lines[-1] += f" ({counts}, {tests['seconds']} s)"
+    if tests.get("first_failure"):
+        lines += ["", f"First failure: `{tests['first_failure']}`"]
+    return lines
 
 
-def training_table(benchmarks, stat: str = "median", caption: str | None = None) -> str:
-    """One table per training config: backend rows; tokens/s and time to the target loss, each x sdpa."""
-    ratios = speedups(benchmarks, stat)
-    return "\n".join(
-        _training_table(results, ratios, stat, caption) for results in training_configs(benchmarks).values()
-    )
-
-
-def _training_table(results, ratios: dict, stat, caption) -> str:
-    by_backend = defaultdict(dict)
-    for b in results:
-        by_backend[info(b)["backend"]][info(b).get("metric")] = b
-    through = next((b for b in results if info(b).get("metric") == "throughput"), None)
-    to_loss = next((b for b in results if info(b).get("metric") == "time_to_loss"), None)
-    header = ["backend"]
-    if through:
-        header += ["tokens/s", "× sdpa"]
-    if to_loss:
-        header += [f"time to val loss ≤ {info(to_loss)['target_loss']} (s)", "steps", "× sdpa"]
-    body = []
-    for name in sorted(by_backend, key=backend_sort_key):
-        row = [name]
-        if through:
-            b = by_backend[name].get("throughput")
-            row += (
-                ["—", "—"]
-                if b is None
-                else [f"{info(b)['tokens_per_step'] / seconds(b, stat):,.0f}", fmt_ratio(ratios.get(ratio_key(b)))]
-            )
-        if to_loss:
-            b = by_backend[name].get("time_to_loss")
-            if b is None:
-                row += ["—", "—", "—"]
-            else:
-                reached = info(b).get("reached", True)
-                row += [
-                    fmt(seconds(b, stat)) + ("" if reached else " (not reached)"),
-                    info(b).get("steps", "—"),
-                    fmt_ratio(ratios.get(ratio_key(b))),
-                ]
-        body.append(row)
-    cfg = info(through or to_loss)
-    optimizer = cfg.get("optimizer", "")
-    if cfg.get("orthogonalization"):
-        optimizer += f" (Muon orthogonalizes in {cfg['orthogonalization']})"
-    text = [
-        f"#### Training on Shakespeare, config {cfg.get('config', 'default')!r}: {cfg.get('model', '')}, "
-        f"batch {cfg.get('batch_size')} × {cfg.get('seq_len')} tokens, {cfg.get('dtype', '')}"
-        f"{', ' + optimizer if optimizer else ''}\n",
-        _markdown(header, body),
-    ]
-    if caption:
-        text.append(f"\n_{caption}_")
-    return "\n".join(text) + "\n"
-
-
-def targets_section(benchmarks, env: dict, stat: str = "median") -> str:
-    """Check the project's GPU goals against this run's numbers (CUDA runs only)."""
-    if env.get("device") != "cuda":
-        return (
-            "The GPU targets (H100: forward+backward causal bf16 triton ≥ 1.0× sdpa at seqlen ≥ 1k; forward causal "
-            f"bf16 head dim 128 at 16k ≥ {TARGET_FWD_TFLOPS:.0f} TFLOP/s; training tokens/s triton ≥ sdpa) are "
-            "GPU goals and cannot be judged from this run: see bench/results/NOTES.md.\n"
-        )
-    index = attention_index(benchmarks, stat)
+def render_markdown(results: dict, images=()) -> str:
+    env = results["environment"]
+    smoke = " (--smoke: tiny shapes, the numbers test the code only)" if results.get("smoke") else ""
+    budget = f" of a {results['budget_s']:.0f} s budget" if results.get("budget_s") is not None else ""
     lines = [
-        f"Goals set for an H100; this run's device: {env.get('device_name')}.\n",
-        "| target | measured | met |",
-        "|---|---|---|",
+        f"# Benchmark results: {env.get('device_name')}{smoke}",
+        "",
+        environment_line(results),
+        "",
+        f"`{results['command']}`: {results['elapsed_s']} s{budget}"
+        + ("" if results["finished"] else " (not finished)"),
     ]
-    fb = index.get(("bfloat16", "fwd_bwd"), {})
-    ratios = [
-        (t, d, cells["triton"][1])
-        for (d, t), cells in fb.items()
-        if t >= 1024 and "triton" in cells and cells["triton"][1] is not None
-    ]
-    if ratios:
-        worst = min(ratios, key=lambda x: x[2])
-        lines.append(
-            f"| fwd+bwd causal bf16, triton ≥ 1.0× sdpa at every seqlen ≥ 1k | worst {worst[2]:.2f}× "
-            f"(T={worst[0]}, d={worst[1]}) | {'yes' if worst[2] >= 1.0 else 'no'} |"
-        )
-    else:
-        lines.append("| fwd+bwd causal bf16, triton ≥ 1.0× sdpa at every seqlen ≥ 1k | not measured | — |")
-    cell = index.get(("bfloat16", "fwd"), {}).get((128, 16384), {}).get("triton")
-    if cell:
-        lines.append(
-            f"| fwd causal bf16 d128 T=16k, triton ≥ {TARGET_FWD_TFLOPS:.0f} TFLOP/s | {cell[0]:.0f} TFLOP/s | "
-            f"{'yes' if cell[0] >= TARGET_FWD_TFLOPS else 'no'} |"
-        )
-    else:
-        lines.append(f"| fwd causal bf16 d128 T=16k, triton ≥ {TARGET_FWD_TFLOPS:.0f} TFLOP/s | not measured | — |")
-    speedup = speedups(benchmarks, stat)
-    tr = [
-        b
-        for b in of_kind(benchmarks, "training")
-        if info(b).get("metric") == "throughput" and info(b)["backend"] == "triton"
-    ]
-    r = speedup.get(ratio_key(tr[0])) if tr else None
-    if r is not None:
-        lines.append(f"| training tokens/s, triton ≥ sdpa | {r:.2f}× | {'yes' if r >= 1.0 else 'no'} |")
-    else:
-        lines.append("| training tokens/s, triton ≥ sdpa | not measured | — |")
+    if env.get("device") != "cuda":
+        lines += [
+            "",
+            "> Measured on a CPU: these numbers compare PyTorch's CPU paths and say nothing about GPU "
+            "speed. Our kernel runs through Triton's interpreter here (NumPy, orders of magnitude slower).",
+        ]
+    lines += tests_lines(results.get("tests"))
+    lines += heading("Targets", "Verdicts from this run's numbers only (bench/targets.py).")
+    lines += ["", *markdown_table(["target", "measured", "verdict"], [list(t.values()) for t in results["targets"]])]
+
+    parity = schema.cells(results, "parity")
+    if parity:
+        note = "Max abs error, sdpa's on the same inputs and precision; used: of the tolerance, at most 1 passes."
+        lines += heading("Parity against float64", note)
+        rows = []
+        for c in parity:
+            name = f"{c['case']}, {c['backend']}, B {c['batch']} H {c['heads']} D {c['head_dim']} {c['dtype']}"
+            if c["status"] != "ok":
+                rows.append([name, "—", "—", "—", c["status"].split(":")[0]])
+            for r in c.get("result", {}).get("errors", []):
+                rows.append(
+                    [name, r["tensor"], f"{r['max_err']:.3e}", f"{r['sdpa_max_err']:.3e}", fmt(r["tolerance_used"])]
+                )
+        lines += ["", *markdown_table(["case", "tensor", "max err", "sdpa max err", "used"], rows)]
+
+    for table in TABLES:
+        cells = schema.cells(results, table.section)
+        if cells:
+            present = [f for f in table.fields if any(f[0] in c.get("result", {}) for c in cells)]
+            lines += heading(table.title, table.note) if table.note else heading(table.title)
+            lines += grid(results, table, present or table.fields[:1])
+
+    first = schema.cells(results, "first_call")
+    if first:
+        lines += heading("First calls (compilation included), in the order they were made")
+        rows = [
+            [c["backend"], c["head_dim"], PASS_NAMES[c["pass"]], fmt(c["result"]["seconds"]), c["result"]["made_in"]]
+            for c in first
+        ]
+        lines += ["", *markdown_table(["backend", "head dim", "pass", "seconds", "made in"], rows)]
+
+    not_run = defaultdict(list)
+    for section in schema.SECTIONS:
+        for c in schema.cells(results, section):
+            if c["status"] != "ok":
+                not_run[c["status"]].append(f"{section} " + " ".join(f"{k}={v}" for k, v in schema.key_of(c).items()))
+    if not_run:
+        lines += heading("Not measured", f"Up to {NOT_RUN_SHOWN} reasons, {PLACES_SHOWN} cells each; the JSON has all.")
+        lines.append("")
+        for status, places in list(not_run.items())[:NOT_RUN_SHOWN]:
+            more = f"; and {len(places) - PLACES_SHOWN} more" if len(places) > PLACES_SHOWN else ""
+            lines.append(f"- {status}: " + "; ".join(places[:PLACES_SHOWN]) + more)
+    if images:
+        lines += heading("Plots") + [""] + [f"![{Path(p).stem}]({Path(p).name})" for p in images]
     return "\n".join(lines) + "\n"
-
-
-def summary_text(benchmarks, stat: str = "median") -> str:
-    """The tables without captions, for the terminal at the end of a benchmark run."""
-    parts = [attention_tables(benchmarks, stat), memory_table(benchmarks), training_table(benchmarks, stat)]
-    return "\n".join(p for p in parts if p).strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,234 +263,98 @@ def _pyplot():
     return plt
 
 
-def _seqlen_label(t: int) -> str:
-    return f"{t // 1024}k" if t >= 1024 and t % 1024 == 0 else str(t)
+def _style(name: str) -> dict:
+    style = {"color": BACKENDS[name].color if name in BACKENDS else None, "linewidth": 1.5, "marker": "o"}
+    if BACKENDS.get(name) and BACKENDS[name].ours:
+        style["linewidth"] = 2.6
+    elif name == BASELINE:
+        style.update(linewidth=2.2, linestyle="--")
+    return style
 
 
-def _suptitle(fig, title: str, env: dict) -> None:
-    lines = [title, env_caption(env)]
-    if env.get("device") == "cpu":
-        lines.append("measured on CPU: says nothing about GPU performance")
-    fig.suptitle("\n".join(lines), fontsize=9.5)
+def _save(fig, plt, results: dict, title: str, path: Path) -> Path:
+    lines = [title, environment_line(results)]
+    if results["environment"].get("device") != "cuda":
+        lines.append("measured on a CPU: says nothing about GPU speed")
+    fig.suptitle("\n".join(lines), fontsize=8.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
-def plot_attention(benchmarks, out_dir: Path, env: dict, stat: str = "median") -> list:
-    plt = _pyplot()
-    paths = []
-    index = attention_index(benchmarks, stat)
-    for dtype in sorted({dtype for dtype, _ in index}):
-        modes = [m for m in ("fwd", "fwd_bwd") if (dtype, m) in index] + sorted(
-            m for d, m in index if d == dtype and m not in ("fwd", "fwd_bwd")
-        )
-        head_dims = sorted({d for m in modes for (d, _) in index[(dtype, m)]})
-        fig, axes = plt.subplots(
-            len(modes),
-            len(head_dims),
-            figsize=(5.2 * len(head_dims), 3.9 * len(modes) + 0.9),
-            squeeze=False,
-            sharex=True,
-        )
-        for r, mode in enumerate(modes):
-            for c, head_dim in enumerate(head_dims):
-                ax = axes[r][c]
-                series = defaultdict(list)
-                for (d, seqlen), cells in index[(dtype, mode)].items():
-                    if d == head_dim:
-                        for name, (tf, _, _) in cells.items():
-                            series[name].append((seqlen, tf))
-                for name in sorted(series, key=backend_sort_key):
-                    pts = sorted(series[name])
-                    ax.plot(
-                        [p[0] for p in pts],
-                        [p[1] for p in pts],
-                        marker="o",
-                        markersize=4,
-                        label=name,
-                        **line_style(name),
-                    )
-                ax.set_xscale("log", base=2)
-                ax.set_title(f"{MODE_NAMES.get(mode, mode)}, head dim {head_dim}", fontsize=10)
-                ax.set_ylabel("TFLOP/s")
-                ax.set_ylim(bottom=0)
-                ax.grid(True, which="both", alpha=0.3)
-                if r == len(modes) - 1:
-                    ax.set_xlabel("sequence length")
-                ax.legend(fontsize=8)
-        seqlens = sorted({t for m in modes for (_, t) in index[(dtype, m)]})
-        for ax in axes[-1]:
-            ax.set_xticks(seqlens)
-            ax.set_xticklabels([_seqlen_label(t) for t in seqlens])
-        _suptitle(fig, f"Causal attention throughput, {dtype} ({stat} time)", env)
-        fig.tight_layout()
-        path = out_dir / f"attention_{dtype}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def plot_memory(benchmarks, out_dir: Path, env: dict) -> list:
-    results = [b for b in of_kind(benchmarks, "memory") if "peak_bytes" in info(b)]
-    if not results:
-        return []
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.6))
-    series = defaultdict(list)
-    for b in results:
-        series[info(b)["backend"]].append((info(b)["seqlen"], info(b)["peak_bytes"] / 2**20))
-    for name in sorted(series, key=backend_sort_key):
-        pts = sorted(series[name])
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, **line_style(name))
+def _lines(ax, cells: list, x: str, y: str) -> None:
+    if not cells:
+        return
+    for name in sorted({c["backend"] for c in cells}, key=backend_order):
+        points = sorted((c[x], c["result"][y]) for c in cells if c["backend"] == name)
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=name, **_style(name))
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    seqlens = sorted({info(b)["seqlen"] for b in results})
-    ax.set_xticks(seqlens)
-    ax.set_xticklabels([_seqlen_label(t) for t in seqlens])
-    ax.set_xlabel("sequence length")
-    ax.set_ylabel("peak MiB beyond inputs (log)")
+    xs = sorted({c[x] for c in cells})
+    ax.set_xticks(xs, [f"{t // 1024}k" if t >= 1024 and t % 1024 == 0 else str(t) for t in xs])
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    first = info(results[0])
-    _suptitle(
-        fig,
-        f"Peak memory, causal fwd+bwd, batch {first['batch']}, {first['heads']} heads, "
-        f"d{first['head_dim']}, {first['dtype']}",
-        env,
-    )
-    fig.tight_layout()
-    path = out_dir / "memory.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    ax.legend(fontsize=7)
 
 
-def plot_training(benchmarks, out_dir: Path, env: dict, stat: str = "median") -> list:
-    configs = {
-        name: [b for b in results if info(b).get("metric") == "throughput"]
-        for name, results in training_configs(benchmarks).items()
+def plot(results: dict, out_dir: Path, stem: str) -> list[Path]:
+    """PNGs of the kernel table (TFLOP/s against T, a panel per pass and head dim, a figure per
+    dtype), of peak memory against T and of training tokens/s; returns the paths written."""
+    ok = {
+        s: [c for c in schema.cells(results, s) if c["status"] == "ok"] for s in ("kernel_table", "memory", "training")
     }
-    configs = {name: results for name, results in configs.items() if results}
-    if not configs:
+    if not any(ok.values()):
         return []
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(configs), figsize=(5.5 * len(configs), 4.4), squeeze=False)
-    for ax, (config, results) in zip(axes[0], configs.items()):
-        results.sort(key=lambda b: backend_sort_key(info(b)["backend"]))
-        names = [info(b)["backend"] for b in results]
-        values = [info(b)["tokens_per_step"] / seconds(b, stat) for b in results]
-        bars = ax.bar(names, values, color=[COLORS.get(n, "tab:cyan") for n in names])
-        ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8)
-        first = info(results[0])
-        ax.set_title(
-            f"{config}: batch {first.get('batch_size')} × {first.get('seq_len')}, {first.get('dtype')}", fontsize=10
-        )
-        ax.set_ylabel("training tokens/s")
-        ax.grid(True, axis="y", alpha=0.3)
-    _suptitle(fig, f"GPT training step throughput on Shakespeare ({stat} step time)", env)
-    fig.tight_layout()
-    path = out_dir / "training.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
-
-
-# ---------------------------------------------------------------------------------------------
-# Report
-# ---------------------------------------------------------------------------------------------
-
-
-def _host_line(env: dict) -> str:
-    parts = []
-    if env.get("device") == "cpu" and env.get("cpu_threads"):
-        parts.append(f"**torch threads** {env['cpu_threads']}")
-    if env.get("load_average"):
-        parts.append("**load average** (1/5/15 min, end of run) " + " / ".join(f"{x:g}" for x in env["load_average"]))
-    return ("  \n" + " · ".join(parts)) if parts else ""
-
-
-def render_markdown(data: dict, stat: str = "median", images: list | None = None) -> str:
-    benchmarks = data["benchmarks"]
-    env = environment_of(data)
-    caption = env_caption(env)
-    on_cpu = env.get("device") == "cpu"
-    title = "Benchmark results" + (" — CPU" if on_cpu else f" — {env.get('device_name')}")
-    out = [
-        f"# {title}\n",
-        f"**Device:** {env.get('device_name')} ({str(env.get('device')).upper()})  ",
-        f"**torch** {env.get('torch')} · **triton** {env.get('triton') or 'none'}"
-        f" · **CUDA** {env.get('cuda') or 'none'} · **cuDNN** {env.get('cudnn') or 'none'} · **date** {env.get('date')}"
-        + _host_line(env)
-        + "\n",
-    ]
-    if on_cpu:
-        out.append(
-            "> **Measured on CPU.** These numbers compare PyTorch's CPU attention paths on this machine and say "
-            "nothing about GPU performance. Triton has no CPU backend: where our kernel appears, it ran through "
-            "Triton's interpreter (NumPy), which is why it is orders of magnitude slower here and timed only at "
-            "the smallest size. GPU results: see bench/results/NOTES.md.\n"
-        )
-    out.append(
-        f"Times are the {stat} over the timed rounds; warm-up, compilation and autotuning are excluded. "
-        "TFLOP/s use the FlashAttention count (forward 4·B·H·T²·D, halved for causal; forward + backward "
-        "3.5× forward) for every backend, so the reference, which computes the masked half anyway, is "
-        "credited with useful work only. `(x×)` is the speed relative to `sdpa` "
-        "(`F.scaled_dot_product_attention`, default dispatch) on the same problem in the same run: "
-        "> 1 is faster. `—`: not run (skipped: CUDA-only backend, interpreter, out of memory, or filtered).\n"
-    )
-    out.append("## Targets\n")
-    out.append(targets_section(benchmarks, env, stat))
-    attention = attention_tables(benchmarks, stat, caption)
-    if attention:
-        out += ["## Attention\n", attention]
-    memory = memory_table(benchmarks, caption)
-    if memory:
-        out += ["## Memory\n", memory]
-    training = training_table(benchmarks, stat, caption)
-    if training:
-        out += ["## Training\n", training]
-    if images:
-        out.append("## Plots\n")
-        out += [f"![{p.stem}]({p.name})\n" for p in images]
-    return "\n".join(out).rstrip() + "\n"
-
-
-def write_report(json_paths, out_dir, stat: str = "median") -> list:
-    """Write report.md and the PNGs of one JSON (or several, merged) into out_dir; return the paths written."""
-    if isinstance(json_paths, (str, Path)):
-        json_paths = [json_paths]
-    data = load_many([Path(p) for p in json_paths])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = environment_of(data)
-    benchmarks = data["benchmarks"]
-    images = (
-        plot_attention(benchmarks, out_dir, env, stat)
-        + plot_memory(benchmarks, out_dir, env)
-        + plot_training(benchmarks, out_dir, env, stat)
-    )
-    md = out_dir / "report.md"
-    md.write_text(render_markdown(data, stat, images))
-    return [md] + images
+    plt, paths = _pyplot(), []
+    main_grid = [c for c in ok["kernel_table"] if "grid" not in c]
+    for dtype in dict.fromkeys(c["dtype"] for c in main_grid):
+        cells = [c for c in main_grid if c["dtype"] == dtype]
+        modes = [m for m in PASS_NAMES if any(c["pass"] == m for c in cells)]
+        dims = sorted({c["head_dim"] for c in cells})
+        size = (5.2 * len(dims), 3.9 * len(modes) + 0.9)
+        fig, axes = plt.subplots(len(modes), len(dims), figsize=size, squeeze=False)
+        for (r, mode), (col, dim) in ((rm, cd) for rm in enumerate(modes) for cd in enumerate(dims)):
+            ax = axes[r][col]
+            _lines(ax, [c for c in cells if c["pass"] == mode and c["head_dim"] == dim], "seqlen", "tflops")
+            ax.set(title=f"{PASS_NAMES[mode]}, head dim {dim}", xlabel="sequence length", ylabel="TFLOP/s")
+            ax.set_ylim(bottom=0)
+        paths.append(_save(fig, plt, results, f"Causal attention, {dtype}", out_dir / f"{stem}-kernels-{dtype}.png"))
+    if ok["memory"]:
+        fig, ax = plt.subplots(figsize=(6.5, 4.6))
+        _lines(ax, ok["memory"], "seqlen", "peak_mib")
+        ax.set(yscale="log", xlabel="sequence length", ylabel="peak MiB beyond the inputs (log)")
+        paths.append(_save(fig, plt, results, "Peak memory, causal fwd + bwd", out_dir / f"{stem}-memory.png"))
+    train = [c for c in ok["training"] if c["what"] == "train"]
+    if train:
+        models = list(dict.fromkeys(c["model"] for c in train))
+        fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.4), squeeze=False)
+        for ax, model in zip(axes[0], models):
+            cells = sorted((c for c in train if c["model"] == model), key=lambda c: backend_order(c["backend"]))
+            values = [c["result"]["tokens_per_s"] for c in cells]
+            bars = ax.bar([c["backend"] for c in cells], values, color=[_style(c["backend"])["color"] for c in cells])
+            ax.bar_label(bars, labels=[fmt(v) for v in values], fontsize=8)
+            ax.set(title=f"{model}: batch {cells[0]['batch_size']} × {cells[0]['seq_len']}", ylabel="training tokens/s")
+        title = "Training step throughput (gpt.train's step)"
+        paths.append(_save(fig, plt, results, title, out_dir / f"{stem}-training.png"))
+    return paths
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "json",
-        nargs="+",
-        help="pytest-benchmark JSON (pytest --benchmark-only --benchmark-json=PATH); "
-        "several JSONs of one machine are merged into one report",
-    )
-    parser.add_argument("--out", help="output folder (default: the first JSON's folder)")
-    parser.add_argument("--stat", default="median", choices=("median", "min", "mean"), help="time statistic (median)")
+    parser.add_argument("results", type=Path, help="a results file (quick.json, bench.json)")
+    parser.add_argument("--out", type=Path, help="folder for the markdown and the plots (default: the file's own)")
     args = parser.parse_args(argv)
     try:
-        paths = write_report(args.json, args.out or Path(args.json[0]).parent, args.stat)
+        results = json.loads(args.results.read_text())
+        if results.get("schema") != schema.SCHEMA:
+            raise ValueError(f"{args.results} is not a results file of schema {schema.SCHEMA} (bench/schema.py)")
+        out = args.out or args.results.parent
+        out.mkdir(parents=True, exist_ok=True)
+        markdown = out / args.results.with_suffix(".md").name
+        markdown.write_text(render_markdown(results, plot(results, out, args.results.stem)))
     except (OSError, ValueError, KeyError) as err:
         print(f"bench.report: {err}", file=sys.stderr)
         return 1
-    for p in paths:
-        print(p)
+    print(markdown)
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .cli import ArgumentParser
+from .cli import MAX_SEED, ArgumentParser, check_number
 from .model import GPTConfig, option
 from .runfiles import CKPT_NAME
 
@@ -29,6 +29,7 @@ SET_BY_THE_RUN = ("vocab_size", "block_size")  # GPTConfig fields that are no fl
 CHANGEABLE_ON_RESUME = ("dropout", "attn")
 FIXED_ON_RESUME = ("steps", "minutes", "decay", "muon")  # the run's length, its schedule, its optimizer
 PER_INVOCATION = ("resume", "stop_at")  # settings of one command, not of the run: never inherited
+MAX_MINUTES = 1_000_000  # about two years: a budget in seconds and its step counts stay far inside 64 bits
 
 
 @dataclass
@@ -76,26 +77,28 @@ class TrainConfig:
     )
 
     def validate(self) -> None:
-        """The run's own settings; GPTConfig checks the model's when it is made."""
+        """The run's own settings, each finite and in its range; GPTConfig checks the model's when
+        it is made, gpt/footprint.py whether they fit the machine."""
         for name in (
             "batch_size",
             "seq_len",
             "grad_accum",
             "steps",
-            "minutes",
-            "lr",
             "log_interval",
             "eval_interval",
             "ckpt_interval",
             "stop_at",
         ):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("warmup", "weight_decay", "grad_clip", "eval_windows", "dropout_after"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
-        if not 0 <= self.decay <= 1:
-            raise ValueError(f"--decay must be a fraction in [0, 1], got {self.decay}")
+            check_number(flag(name), getattr(self, name), 1)  # None (steps, stop_at unset) passes
+        for name in ("warmup", "eval_windows"):
+            check_number(flag(name), getattr(self, name), 0)
+        check_number("--seed", self.seed, 0, MAX_SEED)
+        check_number("--minutes", self.minutes, 0, MAX_MINUTES, above=True)
+        check_number("--lr", self.lr, 0, above=True)
+        check_number("--decay", self.decay, 0, 1)
+        check_number("--weight-decay", self.weight_decay, 0)
+        check_number("--grad-clip", self.grad_clip, 0)
+        check_number("--dropout-after", self.dropout_after, 0)
 
 
 def flag(name: str) -> str:

@@ -20,20 +20,26 @@ t, and scores ~100% on the first half as well: it cheats, and the mask is what p
     python -m gpt.reverse --attn reference --out runs/reverse     # or: gpt-reverse --out runs/reverse
 """
 
+import argparse
+import functools
 import json
 import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 
 import kernels
 
-from .cli import ArgumentParser, pick_device, resolve_attention, run_program
-from .model import GPT, POS_EMBEDDINGS, GPTConfig
+from .cli import MAX_SEED, ArgumentParser, check_number, pick_device, resolve_attention, run_program
+from .config import add_flag
+from .footprint import check_memory
+from .model import GPT, POS_EMBEDDINGS, GPTConfig, option
+from .runfiles import RunLock, atomic_write, check_room, prepare_out
+from .step import train_step
 
 SEPARATOR = 10  # digits are ids 0..9
 VOCAB_SIZE = 11
@@ -45,27 +51,25 @@ MIN_DIGITS, MAX_DIGITS = 4, 18  # 10^4 sequences >> N_HELD_OUT; 10^18 still fits
 
 @dataclass
 class ReverseSettings:
-    n_digits: int = 8
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 3e-3
-    seed: int = 0
-    attn: str = "reference"
-    pos_embedding: str = "learned"
-    causal: bool = True
-    device: str = "cpu"
+    """Every setting of a reversal run; build_parser generates the flags from these fields."""
+
+    n_digits: int = option(8, f"digits per sequence ({MIN_DIGITS}..{MAX_DIGITS}); the model reads 2n tokens")
+    steps: int = option(1000, "training steps, one fresh batch each")
+    batch_size: int = option(64, "sequences per batch")
+    lr: float = option(3e-3, "AdamW learning rate (constant; gradients clipped to norm 1)")
+    seed: int = option(0, "seed of the initial weights and of the training sequences")
+    attn: str = option("reference", "attention backend", choices=kernels.BACKEND_CHOICES)
+    pos_embedding: str = option("learned", "how the model sees positions", choices=POS_EMBEDDINGS)
+    causal: bool = option(True, "the causal mask; its flag is --no-mask")
+    device: str = option("cpu", "cpu, cuda, cuda:1, ...")
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {self.steps}")
-        if not MIN_DIGITS <= self.n_digits <= MAX_DIGITS:
-            raise ValueError(f"--n-digits must be in {MIN_DIGITS}..{MAX_DIGITS}, got {self.n_digits}")
-        if not 0 <= self.seed < 2**63:
-            raise ValueError(f"--seed must be in 0..2**63-1, got {self.seed}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if not 0 < self.lr < float("inf"):
-            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        """Each setting finite and in its range, or a one-line ValueError."""
+        check_number("--steps", self.steps, 1)
+        check_number("--n-digits", self.n_digits, MIN_DIGITS, MAX_DIGITS)
+        check_number("--seed", self.seed, 0, MAX_SEED)
+        check_number("--batch-size", self.batch_size, 1)
+        check_number("--lr", self.lr, 0, above=True)
 
     def model_config(self) -> GPTConfig:
         """A small GPT sized for the task: 2 blocks, 2 heads of 32 dimensions, no dropout, a full head."""
@@ -134,7 +138,8 @@ def train_model(
     lr: float,
     after_backward: Callable[[int, GPT], None] | None = None,
 ) -> list[float]:
-    """AdamW on next-token loss for `steps` batches; returns the loss of every step.
+    """AdamW on next-token loss for `steps` batches, one gpt.step.train_step each (gradients
+    clipped to norm 1); returns the loss of every step.
 
     after_backward(step, model) runs once the gradients exist, before the update (to record them).
     """
@@ -142,14 +147,8 @@ def train_model(
     model.train()
     losses = []
     for step in range(steps):
-        inputs, targets = next(batches)
-        _, loss = model(inputs, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if after_backward is not None:
-            after_backward(step, model)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        record = None if after_backward is None else functools.partial(after_backward, step, model)
+        loss = train_step(model, optimizer, [next(batches)], lr=lr, grad_clip=1.0, after_backward=record)
         losses.append(loss.item())
     return losses
 
@@ -188,46 +187,45 @@ def position_labels(n_digits: int) -> list[str]:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="python -m gpt.reverse", description=__doc__.split("\n")[0])
-    defaults = ReverseSettings()
+    """One flag per ReverseSettings field (as gpt.config makes gpt.train's), but the mask's:
+    --no-mask, a control that removes it. Flags not given are absent from the parsed namespace."""
+    parser = ArgumentParser(
+        prog="python -m gpt.reverse", description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS
+    )
     parser.add_argument("--out", required=True, help="directory for reverse.json")
-    parser.add_argument("--attn", choices=kernels.BACKEND_CHOICES, default=defaults.attn, help="attention backend")
     parser.add_argument(
         "--no-mask",
-        action="store_true",
+        dest="causal",
+        action="store_false",
         help="debugging control: remove the causal mask so positions see the future (cheats)",
     )
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--n-digits", type=int, default=defaults.n_digits)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--pos-embedding", choices=POS_EMBEDDINGS, default=defaults.pos_embedding)
-    parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, ...")
+    for f in fields(ReverseSettings):
+        if f.name != "causal":
+            add_flag(parser, f)
     return parser
 
 
 def settings_from_flags(args) -> tuple[ReverseSettings, Path]:
-    """Parsed flags -> (settings, output directory); a bad value raises a one-line ValueError."""
-    settings = ReverseSettings(
-        n_digits=args.n_digits,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        attn=args.attn,
-        pos_embedding=args.pos_embedding,
-        causal=not args.no_mask,
-        device=args.device,
-    )
+    """Parsed flags -> (settings, output directory); a bad value, or a batch that cannot fit the
+    device, raises a one-line ValueError."""
+    given = vars(args)
+    out = Path(given.pop("out"))
+    settings = ReverseSettings(**given)
     settings.validate()
     device = pick_device(settings.device)
     # Triton loads on first use: fail here, in one line, not mid-training.
     settings = replace(settings, attn=resolve_attention(settings.attn, device), device=str(device))
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+    check_memory(settings.model_config(), device, settings.batch_size, 2 * settings.n_digits)
     return settings, out
+
+
+def reverse_from_flags(args) -> int:
+    """Check everything, --out included, before training, so that no result is lost at the end."""
+    settings, out = settings_from_flags(args)
+    prepare_out(out)
+    with RunLock(out):  # also proves --out writable
+        check_room(out)
+        return train_and_report(settings, out)
 
 
 def train_and_report(settings: ReverseSettings, out: Path) -> int:
@@ -247,7 +245,6 @@ def train_and_report(settings: ReverseSettings, out: Path) -> int:
     print(f"first half  (predicting unseen input digits) {results['first_half_accuracy']:.3f}  chance {CHANCE}")
     print(f"second half (predicting the reversed digits) {results['second_half_accuracy']:.3f}")
 
-    out.mkdir(parents=True, exist_ok=True)
     record = {
         **results,
         "position_labels": position_labels(settings.n_digits),
@@ -256,14 +253,14 @@ def train_and_report(settings: ReverseSettings, out: Path) -> int:
         "settings": asdict(settings),
     }
     path = out / "reverse.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write(path, lambda file: file.write((json.dumps(record, indent=2) + "\n").encode()))
     print(f"wrote {path}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_program(lambda: train_and_report(*settings_from_flags(args)))
+    return run_program(lambda: reverse_from_flags(args))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,13 @@ import torch
 import kernels
 
 from .checkpoint import load_checkpoint, restore_model
-from .cli import ArgumentParser, pick_device, resolve_attention, run_program
+from .cli import MAX_SEED, ArgumentParser, check_number, pick_device, resolve_attention, run_program
 from .data import Vocab, tokenize
 from .model import GPT
+
+# Below this, sampling is greedy in effect (a logit gap of 0.05 is a factor e^50), and as the
+# temperature nears 0, logits / temperature overflow float32 into NaN probabilities.
+MIN_TEMPERATURE = 1e-3
 
 
 def complete(
@@ -32,18 +36,26 @@ def complete(
     seed: int = 1337,
     device: torch.device | str = "cpu",
 ) -> str:
-    """The prompt followed by `tokens` sampled tokens, as text. The same seed gives the same text."""
+    """The prompt followed by `tokens` sampled tokens, as text. The same seed gives the same text.
+    top_k None: sample among all tokens."""
+    check_sampling(tokens, temperature, top_k, seed)
     ids = vocab.encode(tokenize(prompt))
     if not ids:
         raise ValueError("the prompt is empty; give at least one word, e.g. --prompt 'ROMEO.'")
-    if tokens < 0:
-        raise ValueError(f"--tokens must not be negative, got {tokens}")
     model.eval()  # no dropout while sampling
     generator = torch.Generator(device).manual_seed(seed)
     out = model.generate(
         torch.tensor([ids], device=device), tokens, temperature=temperature, top_k=top_k, generator=generator
     )
     return vocab.decode(out[0].tolist())
+
+
+def check_sampling(tokens: int, temperature: float, top_k: int | None, seed: int) -> None:
+    """Each setting finite and in its range, or a one-line ValueError."""
+    check_number("--tokens", tokens, 0)
+    check_number("--temperature", temperature, MIN_TEMPERATURE, fix="for greedy sampling use --top-k 1")
+    check_number("--top-k", top_k, 1)  # None: all tokens
+    check_number("--seed", seed, 0, MAX_SEED)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,14 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sample_from_checkpoint(args: argparse.Namespace) -> int:
-    state = load_checkpoint(args.ckpt)
+    check_number("--top-k", args.top_k, 0, fix="0 samples among all tokens")
+    top_k = args.top_k or None
+    check_sampling(args.tokens, args.temperature, top_k, args.seed)  # before loading anything
     device = pick_device(args.device)
+    state = load_checkpoint(args.ckpt)
     model, vocab = restore_model(state, attn=resolve_attention(args.attn, device))
-    print(
-        complete(
-            model.to(device), vocab, args.prompt, args.tokens, args.temperature, args.top_k or None, args.seed, device
-        )
-    )
+    print(complete(model.to(device), vocab, args.prompt, args.tokens, args.temperature, top_k, args.seed, device))
     return 0
 
 

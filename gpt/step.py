@@ -5,10 +5,11 @@
     loss = train_step(model, optimizer, [(x, y)], lr=schedule.lr(step))    # gpt/schedule.py
     val_loss = evaluate(model, inputs, targets, batch_size)
 
-gpt/train.py runs them in a loop; bench/test_training.py times them.
+gpt/train.py and gpt/reverse.py run them in a loop; the benchmarks (bench/measure.py) time them.
 """
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -95,6 +96,7 @@ def train_step(
     grad_clip: float = 0.0,
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    after_backward: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """One optimizer step over micro_batches [(x, y), ...], each (B, T) token ids on the model's device.
 
@@ -102,6 +104,8 @@ def train_step(
     mean loss over all of them. Under DDP only the last backward all-reduces the gradients (the
     others run in no_sync): one exchange per step, not per micro-batch.
     amp_dtype: autocast dtype (None: float32); scaler: loss scaling for float16.
+    after_backward() runs once the step's (unscaled) gradients exist, before clipping and the
+    update: to record them (docs/experiments/residual.py does).
     Returns the mean loss as a 0-dim tensor on the device: reading it (.item()) waits for the device.
     """
     device = micro_batches[0][0].device
@@ -118,6 +122,8 @@ def train_step(
             scaler.scale(loss).backward()
         total += loss.detach()
     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    if after_backward is not None:
+        after_backward()
     if grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)

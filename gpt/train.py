@@ -8,8 +8,11 @@
 Writes into --out: metrics.jsonl (one JSON object per log step), ckpt.pt and loss.png, each
 written so that a crash at any moment leaves a readable file. SIGINT (Ctrl-C) or SIGTERM saves
 a checkpoint after the current step and exits with 128 + the signal number (130, 143); a second
-signal exits at once. Expected problems (bad data path, corrupt checkpoint, bad flag values) end
-with one line on stderr and exit code 2.
+signal exits at once; an evaluation is abandoned at once (it changes nothing), so a signal is
+answered within a training step even where evaluating takes minutes (Triton's CPU interpreter).
+Expected problems (bad data path, corrupt checkpoint, bad flag values, a model too big for the
+machine, another run in --out, a full disk, a diverged loss) end with one line on stderr and exit
+code 2, and leave the last good checkpoint as it was.
 
 Reading order: Trainer (set up, loop, evaluate, save), then train() and main(). Around it:
 gpt/step.py (one training step, one evaluation), gpt/config.py (the settings and their flags),
@@ -17,6 +20,7 @@ gpt/distributed.py (processes), gpt/runfiles.py (the files in --out), gpt/checkp
 From Python, a whole run is `train(TrainConfig(steps=100))`.
 """
 
+import contextlib
 import math
 import signal
 import sys
@@ -27,15 +31,28 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import FORMAT, restore_model, save_checkpoint
+from .checkpoint import FORMAT, is_current, model_config, restore_model, save_checkpoint
 from .cli import resolve_attention, run_program
 from .config import DTYPES, TrainConfig, configure
 from .cpu import use_cpu
 from .data import TokenData, Vocab, load_data
 from .distributed import World, setup_world, wrap_for_training
+from .errors import RunError
+from .footprint import check_memory
 from .model import GPT, GPTConfig
 from .plot import plot_losses
-from .runfiles import CKPT_NAME, METRICS_NAME, PLOT_NAME, MetricsLog, StopRequest
+from .runfiles import (
+    CKPT_NAME,
+    METRICS_NAME,
+    PLOT_NAME,
+    Interrupted,
+    MetricsLog,
+    RunLock,
+    StopRequest,
+    check_room,
+    prepare_out,
+    remove_temporaries,
+)
 from .sample import complete
 from .schedule import Schedule, TimeBudget
 from .step import build_model, configure_optimizer, evaluate, to_device, train_step
@@ -71,6 +88,7 @@ class Trainer:
         self.val_inputs, self.val_targets = TokenData.sequences(data.val, cfg.seq_len)
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * world.size * cfg.seq_len
         self.step, self.tokens, self.elapsed_before, self.lr = 0, 0, 0.0, None
+        self.saved_step: int | None = None  # the step of the checkpoint in --out, if any
         if cfg.steps is not None:
             self.schedule, self.budget = Schedule.fixed(cfg.lr, cfg.warmup, cfg.steps, cfg.decay), None
         else:  # the length is measured as the run goes: see gpt/schedule.py
@@ -86,6 +104,7 @@ class Trainer:
         attn = resolve_attention(cfg.model.attn, device)
         data, vocab = load_data(cfg.data)
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=len(vocab), block_size=cfg.seq_len))
+        check_fits(cfg, cfg.model, world, device)
         model = build_model(replace(cfg.model, attn=attn), device, cfg.seed)
         return cls(cfg, world, device, model, data, vocab)
 
@@ -93,6 +112,7 @@ class Trainer:
     def resume(cls, cfg: TrainConfig, world: World, device: torch.device, state: dict) -> "Trainer":
         """A run continued from its checkpoint: weights, vocabulary, optimizer, scaler and progress."""
         attn = resolve_attention(cfg.model.attn, device)
+        check_fits(cfg, model_config(state), world, device)
         model, vocab = restore_model(state, attn=attn, dropout=cfg.model.dropout)
         data, vocab = load_data(cfg.data, vocab)
         trainer = cls(cfg, world, device, model.to(device), data, vocab)
@@ -100,6 +120,7 @@ class Trainer:
         if state["scaler"]:  # empty when the run so far had no loss scaling
             trainer.scaler.load_state_dict(state["scaler"])
         trainer.step, trainer.tokens, trainer.elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
+        trainer.saved_step = state["step"]
         trainer.schedule.load_state_dict(state["schedule"])
         if trainer.budget is not None:
             trainer.budget.load_state_dict(state["budget"])
@@ -151,13 +172,18 @@ class Trainer:
         epochs = step * self.tokens_per_step / len(self.data.train)
         return self.cfg.model.dropout if epochs >= self.cfg.dropout_after else 0.0
 
-    def validation_loss(self, windows: int = 0) -> float:
-        """Validation loss over `windows` windows spread evenly over the split (0: all of it)."""
+    def validation_loss(self, windows: int = 0, stop: StopRequest | None = None) -> float | None:
+        """Validation loss over `windows` windows spread evenly over the split (0: all of it).
+        With `stop`, a signal abandons the evaluation at once and the result is None."""
         inputs, targets = self.val_inputs, self.val_targets
         if 0 < windows < len(inputs):
             chosen = torch.linspace(0, len(inputs) - 1, windows).round().long()
             inputs, targets = inputs[chosen], targets[chosen]
-        return evaluate(self.model, inputs, targets, self.cfg.batch_size * self.cfg.grad_accum, self.amp_dtype)
+        try:
+            with stop.interruptible() if stop is not None else contextlib.nullcontext():
+                return evaluate(self.model, inputs, targets, self.cfg.batch_size * self.cfg.grad_accum, self.amp_dtype)
+        except Interrupted:
+            return None
 
     # -- the time budget -----------------------------------------------------------------------
 
@@ -217,69 +243,81 @@ class Trainer:
     def fit(self, stop: StopRequest, out: Path) -> int:
         """Train to the schedule's end (or --stop-at); returns the exit code (0, or 128 + signal)."""
         cfg, main = self.cfg, self.world.is_main
-        metrics = MetricsLog(out / METRICS_NAME, None if self.step == 0 else self.step) if main else None
-        if self.step == 0 and main:  # the untrained model: about ln(vocab size), the start of the curve
-            metrics.append(self.record(None, self.validation_loss(cfg.eval_windows), None))
+        log_file = MetricsLog(out / METRICS_NAME, None if self.step == 0 else self.step) if main else None
         total = self.schedule.total_steps
-        progress = tqdm(total=total, initial=self.step, unit="step", disable=not main, dynamic_ncols=True)
-        window = (self.clock(), self.step)  # tokens/s is measured over the steps since the last log
-        since = window  # the time budget measures everything: steps, evaluations, saves
-        stopped, val_loss = False, None
-        while not self.finished() and not stopped:
-            loss = self.train_one(self.step)
-            self.step += 1
-            self.tokens += self.tokens_per_step
-            progress.update()
-            is_log = (
-                self.step % cfg.log_interval == 0
-                or self.step % cfg.eval_interval == 0
-                or self.step == self.schedule.total_steps
-                # (one process only: with several, every log step is a collective all must join)
-                or (self.world.size == 1 and not self.speed_reported and self.clock() - window[0] >= FIRST_REPORT_S)
-            )
-            if is_log:  # the only place the loop waits for the device
-                self.rebudget(since)
-                since, progress.total = (self.clock(), self.step), self.schedule.total_steps
-                val_loss = self.log(loss, window, metrics, progress, out)
-            # One process checks the signal flag every step; many agree at log steps only, since
-            # agreeing is a collective operation that waits for every process.
-            stopped = self.world.any(stop.signum is not None, self.device) if is_log or self.world.size == 1 else False
-            if main and self.step % cfg.ckpt_interval == 0 and not self.finished() and not stopped:
-                save_checkpoint(out / CKPT_NAME, self.checkpoint_state())
-            if is_log:
-                window = (self.clock(), self.step)  # leave evaluation and saving out of tokens/s
-        progress.close()
+        bar = tqdm(total=total, initial=self.step, unit="step", disable=not main, dynamic_ncols=True)
+        # However fit ends, the log is closed and the bar's line ended: an error's line starts on its own.
+        with log_file or contextlib.nullcontext() as metrics, bar as progress:
+            if self.step == 0:  # the untrained model: about ln(vocab size), the start of the curve
+                initial = self.validation_loss(cfg.eval_windows, stop) if main else None  # None: a signal ended it
+                self.check_finite(None, initial)
+                if initial is not None:
+                    metrics.append(self.record(None, initial, None))
+            window = (self.clock(), self.step)  # tokens/s is measured over the steps since the last log
+            since = window  # the time budget measures everything: steps, evaluations, saves
+            stopped, val_loss = self.world.any(stop.signum is not None, self.device), None
+            while not self.finished() and not stopped:
+                loss = self.train_one(self.step)
+                self.step += 1
+                self.tokens += self.tokens_per_step
+                progress.update()
+                is_log = (
+                    self.step % cfg.log_interval == 0
+                    or self.step % cfg.eval_interval == 0
+                    or self.step == self.schedule.total_steps
+                    # (one process only: with several, every log step is a collective all must join)
+                    or (self.world.size == 1 and not self.speed_reported and self.clock() - window[0] >= FIRST_REPORT_S)
+                )
+                if is_log:  # the only place the loop waits for the device
+                    self.rebudget(since)
+                    since, progress.total = (self.clock(), self.step), self.schedule.total_steps
+                    val_loss = self.log(loss, window, metrics, progress, out, stop)
+                # One process checks the signal flag every step; many agree at log steps only, since
+                # agreeing is a collective operation that waits for every process.
+                stopped = (
+                    self.world.any(stop.signum is not None, self.device) if is_log or self.world.size == 1 else False
+                )
+                if main and self.step % cfg.ckpt_interval == 0 and not self.finished() and not stopped:
+                    self.save(out)
+                if is_log:
+                    window = (self.clock(), self.step)  # leave evaluation and saving out of tokens/s
+            if main:
+                self.save(out)
         if main:
-            save_checkpoint(out / CKPT_NAME, self.checkpoint_state())
-            metrics.close()
             if stopped:
                 cause = signal.Signals(stop.signum).name if stop.signum else "a signal to another process"
                 print(f"stopped by {cause} after step {self.step}; checkpoint saved, continue with --resume")
             elif self.step == self.schedule.total_steps:
-                self.report(
-                    val_loss if val_loss is not None else self.validation_loss()
-                )  # None: it had already finished
-        return stop.exit_code if stopped else 0
+                with contextlib.suppress(Interrupted), stop.interruptible():  # all is saved: a signal may end it
+                    self.report(val_loss if val_loss is not None else self.validation_loss())  # None: it had finished
+        return stop.exit_code  # 0, or 128 + the signal that stopped it (another process's: 0 here)
 
     def log(
-        self, loss: torch.Tensor, window: tuple[float, int], metrics: MetricsLog | None, progress: tqdm, out: Path
+        self,
+        loss: torch.Tensor,
+        window: tuple[float, int],
+        metrics: MetricsLog | None,
+        progress: tqdm,
+        out: Path,
+        stop: StopRequest,
     ) -> float | None:
         """Average the step's loss over the processes; on rank 0 evaluate when due (the whole
         validation split at the last step), write the metrics line and update the plot.
-        Returns the validation loss, or None when there was no evaluation."""
+        Returns the validation loss, or None when there was no evaluation (or a signal ended it)."""
         train_loss = self.world.mean(loss)
         tokens_per_s = (self.step - window[1]) * self.tokens_per_step / (self.clock() - window[0])
         first_report, self.speed_reported = not self.speed_reported, True
-        if not self.world.is_main:
-            return None
         is_last = self.step == self.schedule.total_steps
         val_loss = None
-        if self.step % self.cfg.eval_interval == 0 or is_last:
+        if self.world.is_main and (self.step % self.cfg.eval_interval == 0 or is_last):
             eval_started = self.clock()
-            val_loss = self.validation_loss(0 if is_last else self.cfg.eval_windows)
-            if self.budget is not None and not is_last:  # the final evaluation covers every window
+            val_loss = self.validation_loss(0 if is_last else self.cfg.eval_windows, stop)
+            if val_loss is not None and self.budget is not None and not is_last:  # the final one covers every window
                 share = min(1.0, (self.cfg.eval_windows or len(self.val_inputs)) / len(self.val_inputs))
                 self.budget.reserve_s = (self.clock() - eval_started) / share
+        self.check_finite(train_loss, val_loss)
+        if not self.world.is_main:
+            return None
         metrics.append(self.record(train_loss, val_loss, tokens_per_s))
         progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if first_report:
@@ -327,6 +365,37 @@ class Trainer:
         model = replace(self.model.config, attn=GPTConfig.attn, dropout=GPTConfig.dropout)
         return same_run and model == GPTConfig() and self.model.config.attn == "sdpa" and self.device.type == "cpu"
 
+    # -- never saving a diverged run -------------------------------------------------------------
+
+    def check_finite(self, train_loss: float | None, val_loss: float | None) -> None:
+        """At a log step (where the losses are on the host anyway): a loss that is NaN or inf stops
+        the run on every process, before it is logged or its weights saved."""
+        losses = (("training loss", train_loss), ("validation loss", val_loss))
+        bad = [f"the {what} is {value}" for what, value in losses if value is not None and not math.isfinite(value)]
+        if self.world.any(bool(bad), self.device):
+            raise self.diverged(bad[0] if bad else "another process's loss is not finite")
+
+    def save(self, out: Path) -> None:
+        """Save the checkpoint of this step, unless its weights are not finite: then the run stops
+        and the previous checkpoint stays."""
+        # One wait for the device: the save that follows waits for it anyway.
+        if not torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all():
+            raise self.diverged("the weights are not finite")
+        save_checkpoint(out / CKPT_NAME, self.checkpoint_state())
+        self.saved_step = self.step
+
+    def diverged(self, problem: str) -> RunError:
+        cause = f"a learning rate too high for this model (--lr {self.cfg.lr:g})"
+        if self.cfg.dtype == "float16":
+            cause += " or float16 overflowing (--dtype bfloat16 does not)"
+        checkpoint = Path(self.cfg.out) / CKPT_NAME
+        kept = (
+            f"{checkpoint} still holds step {self.saved_step}; continue it with --resume and a lower --lr"
+            if self.saved_step is not None
+            else "no checkpoint was saved; start again with a lower --lr"
+        )
+        return RunError(f"training diverged at step {self.step}: {problem}, likely from {cause}; {kept}")
+
     def report(self, val_loss: float) -> None:
         """The final result, the baselines, and a sample of the model's writing."""
         print(
@@ -356,6 +425,32 @@ class Trainer:
         )
 
 
+def check_fits(cfg: TrainConfig, config: GPTConfig, world: World, device: torch.device) -> None:
+    """Refuse, before the model is built, a run that cannot fit the device's memory or --out's disk."""
+    autocast = DTYPES[cfg.dtype] is not None
+    footprint = check_memory(config, device, cfg.batch_size, cfg.seq_len, cfg.grad_accum, autocast)
+    if world.is_main:
+        check_room(Path(cfg.out), footprint.checkpoint_bytes)
+
+
+@contextlib.contextmanager
+def claim(out: Path, state: dict | None):
+    """--out for this run alone, checked before anything is loaded: a directory, writable and
+    locked (gpt/runfiles.py), holding no checkpoint for a new run, and for a resumed one still the
+    checkpoint `state` was read from (another run may have saved there before the lock was taken)."""
+    prepare_out(out)
+    with RunLock(out):
+        checkpoint = out / CKPT_NAME
+        if state is None and checkpoint.exists():
+            raise ValueError(f"{checkpoint} exists; continue it with --resume, or choose another --out")
+        if state is not None and not is_current(checkpoint, state):
+            raise RunError(
+                f"{checkpoint} changed while it was being read (another run saved it); run the command again"
+            )
+        remove_temporaries(out)
+        yield
+
+
 def train(cfg: TrainConfig, state: dict | None = None) -> int:
     """Run (or resume) training as configured; returns the process exit code."""
     world, device = setup_world(cfg.device)
@@ -363,11 +458,7 @@ def train(cfg: TrainConfig, state: dict | None = None) -> int:
         use_cpu(world.local_size)  # threads for this machine's share of cores; freed memory kept
     try:
         out = Path(cfg.out)
-        if world.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            if state is None and (out / CKPT_NAME).exists():
-                raise ValueError(f"{out / CKPT_NAME} exists; continue it with --resume, or choose another --out")
-        with StopRequest() as stop:
+        with claim(out, state) if world.is_main else contextlib.nullcontext(), StopRequest() as stop:
             trainer = Trainer.start(cfg, world, device) if state is None else Trainer.resume(cfg, world, device, state)
             if world.is_main:
                 print(trainer.describe())

@@ -110,8 +110,27 @@ def wait_for(condition, timeout: float = 60, what: str = "condition") -> None:
 
 
 def metrics(out: Path) -> list[dict]:
-    """Every line of out/metrics.jsonl, parsed; fails if any line does not parse."""
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """Every line of out/metrics.jsonl, parsed as standard JSON; fails if any line does not parse,
+    or holds NaN or Infinity (which Python's json accepts but JSON does not)."""
+
+    def refuse(name: str):
+        raise AssertionError(f"{name} in metrics.jsonl is not JSON")
+
+    return [json.loads(line, parse_constant=refuse) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def error_line(stderr: str, *fragments: str) -> str:
+    """The one line a failed program wrote to stderr, asserting that there is exactly one, that
+    it starts with "error: " on a line of its own, that it holds every fragment, and that no
+    traceback came with it. Only a progress bar may come before it (its lines show the rate,
+    "step/s"; tqdm ends its line when it closes)."""
+    lines = [line for line in stderr.split("\n") if line.strip()]
+    assert lines and lines[-1].startswith("error: "), stderr
+    assert all("step/s" in line for line in lines[:-1]), stderr  # progress bars only
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])
+    return lines[-1]
 
 
 def assert_same_losses(a: list[dict], b: list[dict], rel: float = 1e-6) -> None:
@@ -130,22 +149,6 @@ def shakespeare_path() -> Path:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
     pytest.fail(f"the Complete Works are needed: set {DATA_ENV_VAR}=/path/to/pg100.txt (Project Gutenberg eBook #100)")
-
-
-# ---------------------------------------------------------------------------------------
-# Tests that need a GPU
-# ---------------------------------------------------------------------------------------
-
-CUDA = torch.cuda.is_available()
-# Marked `cuda` (pytest.ini), which `pytest -m cuda` selects on a GPU; skipped without one.
-CUDA_MARKS = (pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (pytest -m cuda runs these)"))
-
-
-def cuda_only(test):
-    """Decorate a test that only runs on a GPU with CUDA_MARKS."""
-    for mark in CUDA_MARKS:
-        test = mark(test)
-    return test
 
 
 # ---------------------------------------------------------------------------------------

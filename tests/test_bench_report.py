@@ -1,19 +1,17 @@
-"""bench.flops and bench.report on a small synthetic pytest-benchmark JSON; and that a plain
-pytest run skips the benchmark suites. No benchmark runs here."""
+"""bench.flops, and bench.report and bench.targets on a small synthetic results file; and that a
+plain pytest run skips the benchmark suites. No benchmark runs here."""
 
 import json
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-from bench import report
+from bench import report, schema, targets
 from bench.flops import attention_flops, constant_token_shape, tflops
 
-REPO = Path(__file__).resolve().parents[1]
 CPU_ENV = {
     "device": "cpu",
     "device_name": "Test CPU 9000",
@@ -67,208 +65,90 @@ def test_tflops():
 # Report
 
 
-def _bench(group, median, **extra):
-    return {
-        "group": group,
-        "name": f"test[{group}-{extra.get('backend')}]",
-        "fullname": "x",
-        "params": {},
-        "param": None,
-        "extra_info": extra,
-        "options": {},
-        "stats": {
-            "min": median * 0.9,
-            "max": median * 1.2,
-            "mean": median,
-            "median": median,
-            "stddev": 0.0,
-            "rounds": 5,
-            "iterations": 1,
-        },
-    }
-
-
-def synthetic(device_env=CPU_ENV, dtype="float32", seqlens=(128, 256), backends=("reference", "sdpa", "triton")):
-    """Attention (sdpa 1 ms per call at every shape, reference 4x slower, triton 2x faster),
-    memory and training entries."""
+def synthetic(device="cpu") -> dict:
+    """A results file: sdpa 1 ms per attention call at every shape, reference 4x slower, triton
+    2x faster (triton missing at T 256); memory; training throughput."""
+    env = dict(CPU_ENV, device=device)
+    results = schema.new_results("pytest bench --benchmark-only", env)
     speed = {"reference": 0.25, "sdpa": 1.0, "triton": 2.0}
-    benchmarks = []
     for mode in ("fwd", "fwd_bwd"):
         for head_dim in (64, 128):
-            for seqlen in seqlens:
+            for seqlen in (128, 256):
                 shape = constant_token_shape(seqlen, head_dim, tokens=2048, model_dim=256)
                 flops = attention_flops(shape.batch, shape.heads, seqlen, seqlen, head_dim, mode=mode)
-                group = f"attention {mode} {dtype} d{head_dim} T{seqlen}"
-                for backend in backends:
-                    benchmarks.append(
-                        _bench(
-                            group,
-                            1e-3 / speed[backend],
-                            kind="attention",
-                            suite="main",
-                            backend=backend,
-                            mode=mode,
-                            causal=True,
-                            dtype=dtype,
-                            flops=flops,
-                            **shape.as_dict(),
-                        )
-                    )
-    for seqlen in seqlens:
-        for backend, per_t in (("reference", 4e-5), ("sdpa", 1e-3), ("triton", 5e-4)):
-            peak = int(per_t * seqlen * (seqlen if backend == "reference" else 1) * 2**20 / 128)
-            benchmarks.append(
-                _bench(
-                    f"memory T{seqlen}",
-                    1e-3,
-                    kind="memory",
-                    backend=backend,
-                    mode="fwd_bwd",
-                    dtype=dtype,
-                    seqlen=seqlen,
-                    batch=1,
-                    heads=4,
-                    head_dim=64,
-                    peak_bytes=peak,
-                )
-            )
-    for backend, step_s in (("reference", 0.2), ("sdpa", 0.1), ("triton", 0.08)):
-        common = dict(
-            kind="training",
-            backend=backend,
-            config="default",
-            model="4 layers",
-            batch_size=8,
-            seq_len=64,
-            tokens_per_step=512,
-            dtype=dtype,
-        )
-        benchmarks.append(_bench("training throughput default", step_s, metric="throughput", **common))
-        benchmarks.append(
-            _bench(
-                "training time-to-loss default",
-                step_s * 10,
-                metric="time_to_loss",
-                target_loss=7.5,
-                steps=10,
-                reached=True,
-                **common,
-            )
-        )
-    return {
-        "machine_info": {"bench_env": {k: v for k, v in device_env.items() if k != "date"}},
-        "bench_env": device_env,
-        "benchmarks": benchmarks,
-        "datetime": device_env["date"],
-        "version": "5.3.1",
-    }
+                for backend, s in speed.items():
+                    key = {"backend": backend, "pass": mode, "dtype": "float32", **shape.as_dict()}
+                    cell = {**key, "status": "ok", "result": {"ms": 1 / s, "tflops": tflops(flops, 1e-3 / s)}}
+                    if backend == "triton" and seqlen == 256:
+                        cell = {**key, "status": "skipped: not here"}
+                    results["sections"]["kernel_table"]["cells"].append(cell)
+    for seqlen in (128, 256):
+        for backend, mib in (("reference", seqlen / 8), ("sdpa", 1.0), ("triton", 0.5)):
+            key = {"backend": backend, "pass": "fwd_bwd", "dtype": "float32", "batch": 1, "heads": 4, "seqlen": seqlen}
+            cell = {**key, "head_dim": 64, "status": "ok", "result": {"ms": 1.0, "peak_mib": mib}}
+            results["sections"]["memory"]["cells"].append(cell)
+    for backend, tokens_per_s in (("reference", 2560.0), ("sdpa", 5120.0), ("triton", 6400.0)):
+        key = {"backend": backend, "model": "default", "shape": "4 layers", "batch_size": 16, "seq_len": 128}
+        cell = {**key, "what": "train", "dtype": "float32", "status": "ok", "result": {"tokens_per_s": tokens_per_s}}
+        results["sections"]["training"]["cells"].append(cell)
+    results["targets"] = targets.evaluate(results)
+    return results
 
 
-def test_annotate_ratios_uses_sdpa_of_the_same_group():
-    data = synthetic()
-    report.annotate_ratios(data["benchmarks"])
-    for b in data["benchmarks"]:
-        i = b["extra_info"]
-        if i["kind"] == "memory":
-            assert "speedup_vs_sdpa" not in i
-        elif i["kind"] == "attention":
-            assert i["speedup_vs_sdpa"] == pytest.approx({"reference": 0.25, "sdpa": 1.0, "triton": 2.0}[i["backend"]])
-    triton_training = [
-        b
-        for b in data["benchmarks"]
-        if b["extra_info"]["kind"] == "training" and b["extra_info"]["backend"] == "triton"
-    ]
-    assert all(b["extra_info"]["speedup_vs_sdpa"] == pytest.approx(1.25) for b in triton_training)
-
-
-def test_attention_table_rows_columns_and_ratios():
-    data = synthetic()
-    text = report.attention_tables(data["benchmarks"], caption="CAPTION")
-    assert "#### Causal attention, forward, float32" in text
-    assert "#### Causal attention, forward + backward, float32" in text
-    assert (
-        "| seqlen | head dim | batch × heads | reference TFLOP/s (× sdpa) | sdpa TFLOP/s | triton TFLOP/s (× sdpa) |"
-        in text
-    )
-    # fwd, T=128, d=64: batch 16, heads 4; 4*16*4*128*128*64/2 FLOP in 1 ms (sdpa), 0.5 ms (triton)
+def test_tables_show_each_number_with_its_speed_relative_to_sdpa():
+    markdown = report.render_markdown(synthetic())
+    assert "#### Kernel table: dtype float32, pass forward" in markdown
+    assert "#### Kernel table: dtype float32, pass forward + backward" in markdown
+    header = "| head dim | seqlen | batch | heads | triton TFLOP/s | reference TFLOP/s | sdpa TFLOP/s |"
+    assert header in markdown
+    # fwd, T 128, d 64: batch 16, heads 4; 4*16*4*128*128*64/2 FLOP in 1 ms (sdpa), 0.5 ms (triton)
     flops = 4 * 16 * 4 * 128 * 128 * 64 / 2
-    row = next(line for line in text.splitlines() if line.startswith("| 128 | 64 | 16 × 4 |"))
-    assert report.fmt(flops / 1e-3 / 1e12) in row
-    assert f"{report.fmt(flops / 5e-4 / 1e12)} (2.00×)" in row
-    assert "(0.25×)" in row
-    assert text.count("_CAPTION_") == 2
+    row = next(line for line in markdown.splitlines() if line.startswith("| 64 | 128 | 16 | 4 |"))
+    assert f"| {report.fmt(flops / 5e-4 / 1e12)} (2.00×) | {report.fmt(flops / 4e-3 / 1e12)} (0.25×) |" in row
+    assert row.endswith(f"| {report.fmt(flops / 1e-3 / 1e12)} |")  # sdpa: the baseline, no ratio
+    assert next(line for line in markdown.splitlines() if line.startswith("| 64 | 256 |")).count("| skipped |") == 1
+    assert "| default | 4 layers | 16 | 128 | float32 | 6,400 (1.25×) | 2,560 (0.50×) | 5,120 |" in markdown
+    assert "- skipped: not here: kernel_table backend=triton pass=fwd" in markdown
+    for needle in ("Test CPU 9000", "torch 2.13.0+cpu", "triton 3.9.0", "2026-01-02", "Measured on a CPU"):
+        assert needle in markdown
 
 
-def test_missing_backend_shows_a_dash():
-    data = synthetic()
-    data["benchmarks"] = [
-        b
-        for b in data["benchmarks"]
-        if not (b["extra_info"].get("backend") == "triton" and b["extra_info"].get("seqlen") == 256)
-    ]
-    text = report.attention_tables(data["benchmarks"])
-    row = next(line for line in text.splitlines() if line.startswith("| 256 | 64 |"))
-    assert row.rstrip().endswith("| — |")
-
-
-def test_write_report_makes_markdown_and_pngs(tmp_path):
+def test_report_cli_writes_markdown_and_pngs(tmp_path, capsys):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(synthetic()))
-    written = report.write_report(path, tmp_path / "out")
-    names = sorted(p.name for p in written)
-    assert names == ["attention_float32.png", "memory.png", "report.md", "training.png"]
-    for p in written:
-        if p.suffix == ".png":
-            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
-    md = (tmp_path / "out" / "report.md").read_text()
-    assert md.startswith("# Benchmark results — CPU")
-    assert "Measured on CPU" in md
-    for needle in ("Test CPU 9000", "torch 2.13.0+cpu", "triton 3.9.0", "CUDA none", "2026-01-02"):
-        assert needle in md
-    # every table carries the device and versions
-    tables = md.count("| seqlen |") + md.count("| backend |")
-    assert tables == 4  # attention forward, attention forward + backward, memory, training
-    assert md.count("_CPU · Test CPU 9000 · torch 2.13.0+cpu · triton 3.9.0 · CUDA none · 2026-01-02_") == tables
-    assert "![attention_float32](attention_float32.png)" in md
-    assert "cannot be judged from this run" in md  # no GPU target verdict from CPU numbers
-    # training: 512 tokens per 0.1 s step for sdpa, triton 1.25x
-    assert "5,120" in md and "1.25×" in md
-
-
-def test_cli(tmp_path, capsys):
-    path = tmp_path / "bench.json"
-    path.write_text(json.dumps(synthetic()))
-    assert report.main([str(path), "--out", str(tmp_path / "o"), "--stat", "min"]) == 0
-    assert "report.md" in capsys.readouterr().out
+    assert report.main([str(path), "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.strip().endswith("bench.md")
+    pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert pngs == ["bench-kernels-float32.png", "bench-memory.png", "bench-training.png"]
+    for name in pngs:
+        data = (tmp_path / "out" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    markdown = (tmp_path / "out" / "bench.md").read_text()
+    assert markdown.startswith("# Benchmark results: Test CPU 9000") and "![bench-memory](bench-memory.png)" in markdown
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"something": 1}))
+    bad.write_text(json.dumps({"benchmarks": []}))
     assert report.main([str(bad)]) == 1
-    assert "not a pytest-benchmark JSON" in capsys.readouterr().err
+    assert "not a results file" in capsys.readouterr().err
 
 
-def test_targets_on_cuda_are_checked_against_the_run():
-    env = dict(CPU_ENV, device="cuda", device_name="NVIDIA H100 80GB HBM3", cuda="12.8")
-    data = synthetic(env, dtype="bfloat16", seqlens=(1024, 16384))
-    text = report.targets_section(data["benchmarks"], env)
-    assert "worst 2.00× (T=1024, d=64) | yes |" in text
-    # synthetic shapes have 2048 tokens and model dim 256: fwd d128 16k is batch 1 x 2 heads,
-    # 4 * 2 * 16384^2 * 128 / 2 = 1.374e11 FLOP in 0.5 ms = 275 TFLOP/s, short of 450
-    assert "| 275 TFLOP/s | no |" in text
-    assert "training tokens/s, triton ≥ sdpa | 1.25× | yes" in text
-    slow = synthetic(env, dtype="bfloat16", seqlens=(1024,), backends=("sdpa", "reference"))
-    assert "not measured" in report.targets_section(slow["benchmarks"], env)
+def test_targets_on_cuda_are_judged_and_on_a_cpu_not():
+    cpu = {t["target"]: t["verdict"] for t in synthetic()["targets"]}
+    assert all(v.startswith(("n/a on cpu", "not measured")) for v in cpu.values())
+    gpu = {t["target"]: t for t in targets.evaluate(synthetic("cuda"))}
+    training = gpu["training tokens/s (gpt.train's step): triton >= 1.05x sdpa"]
+    assert (training["measured"], training["verdict"]) == ("1.25x sdpa", "met")
+    assert gpu["fwd, bf16 causal, D 128, T 16k: triton >= 600 TFLOP/s"]["verdict"] == "not measured"  # float32 only
 
 
 def test_plain_pytest_run_skips_every_benchmark():
     """bench/conftest.py turns --benchmark-skip on unless --benchmark-only/--benchmark-enable is given."""
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "bench", "-q", "-rs", "-p", "no:cacheprovider", "-k", "not memory_is_linear"],
+        [sys.executable, "-m", "pytest", "bench", "-q", "-rs", "-p", "no:cacheprovider"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     summary = result.stdout.strip().splitlines()[-1]
@@ -277,33 +157,9 @@ def test_plain_pytest_run_skips_every_benchmark():
     assert time.perf_counter() - started < 120
 
 
-def test_several_jsons_merge_and_keep_ratios_within_each_run(tmp_path):
-    first, second = synthetic(), synthetic()
-    for b in second["benchmarks"]:  # a second run where sdpa was twice as slow
-        if b["extra_info"].get("backend") == "sdpa":
-            b["stats"] = {k: (v * 2 if isinstance(v, float) else v) for k, v in b["stats"].items()}
-    second["bench_env"] = dict(CPU_ENV, date="2026-01-05T00:00:00+00:00")
-    paths = [tmp_path / "a.json", tmp_path / "b.json"]
-    for p, d in zip(paths, (first, second)):
-        p.write_text(json.dumps(d))
-    merged = report.load_many(paths)
-    report.annotate_ratios(merged["benchmarks"])
-    triton = [
-        b["extra_info"]["speedup_vs_sdpa"]
-        for b in merged["benchmarks"]
-        if b["extra_info"]["kind"] == "attention" and b["extra_info"]["backend"] == "triton"
-    ]
-    assert sorted(set(round(r, 6) for r in triton)) == [2.0, 4.0]
-    assert merged["bench_env"]["date"] == "2026-01-02 to 2026-01-05"
-    other = synthetic(dict(CPU_ENV, device_name="Another CPU"))
-    (tmp_path / "c.json").write_text(json.dumps(other))
-    with pytest.raises(ValueError, match="device_name"):
-        report.load_many([paths[0], tmp_path / "c.json"])
-
-
-def test_tables_leave_their_input_unchanged():
-    data = synthetic()
-    before = json.dumps(data, sort_keys=True)
-    report.summary_text(data["benchmarks"])
-    report.targets_section(data["benchmarks"], CPU_ENV)
-    assert json.dumps(data, sort_keys=True) == before
+def test_rendering_leaves_the_results_unchanged():
+    results = synthetic()
+    before = json.dumps(results, sort_keys=True)
+    report.render_markdown(results)
+    targets.evaluate(results)
+    assert json.dumps(results, sort_keys=True) == before

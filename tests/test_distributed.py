@@ -14,6 +14,7 @@ from helpers import assert_same_losses, metrics, run_module, start_module, tiny_
 
 from gpt import train
 from gpt.checkpoint import SAVE_DELAY_ENV_VAR, load_checkpoint
+from gpt.runfiles import temporary_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,7 +61,8 @@ def test_sigkill_during_a_checkpoint_save_keeps_the_previous_checkpoint(corpus, 
     )
     try:
         wait_for(lambda: (out / "ckpt.pt").exists(), what="the first checkpoint")
-        wait_for(lambda: (out / "ckpt.pt.tmp").exists(), what="the second checkpoint save")
+        temporary = temporary_path(out / "ckpt.pt", process.pid)
+        wait_for(temporary.exists, what="the second checkpoint save")
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
     finally:
@@ -70,6 +72,7 @@ def test_sigkill_during_a_checkpoint_save_keeps_the_previous_checkpoint(corpus, 
     assert records[-1]["step"] >= 2
 
     assert train.main(["--resume", "--out", str(out), "--stop-at", "6"]) == 0
+    assert not temporary.exists()  # the killed run's partial file is cleared away, its space freed
     assert load_checkpoint(out / "ckpt.pt")["step"] == 6
     assert [r["step"] for r in metrics(out)] == [0, 2, 4, 6]  # continued from step 2, nothing twice
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from helpers import error_line
 
 from gpt import reverse
 
@@ -70,6 +71,10 @@ def test_without_the_mask_the_model_reads_the_answer_and_cheats(tmp_path):
         ["--device", "nonsense"],
         ["--batch-size", "x"],
         ["--seed", str(2**64)],
+        ["--lr", "inf"],
+        ["--lr", "nan"],
+        ["--device", "meta"],
+        ["--batch-size", str(2**40)],  # does not fit the machine's memory
     ],
 )
 def test_invalid_flags_exit_2_with_one_line(tmp_path, capsys, flags):
@@ -78,8 +83,18 @@ def test_invalid_flags_exit_2_with_one_line(tmp_path, capsys, flags):
     except SystemExit as exit_info:  # argparse's own errors (unknown choice, not a number) exit right away
         code = exit_info.code
     assert code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "error:" in err
+    error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_bad_out_is_refused_before_training_so_no_result_is_lost(tmp_path, capsys, where):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("a user's file\n")
+    out = a_file if where == "a file" else a_file / "out"
+    # A million steps: the error must come before any of them (they would take hours).
+    assert reverse.main(["--out", str(out), "--steps", "1000000"]) == 2
+    error_line(capsys.readouterr().err, f"--out {out}")
+    assert a_file.read_text() == "a user's file\n"
 
 
 def test_invalid_flag_from_the_shell_prints_no_traceback(tmp_path):
@@ -89,4 +104,4 @@ def test_invalid_flag_from_the_shell_prints_no_traceback(tmp_path):
         text=True,
     )
     assert done.returncode == 2
-    assert done.stderr.splitlines() == ["error: --n-digits must be in 4..18, got 99"]
+    assert done.stderr.splitlines() == ["error: --n-digits must be an integer >= 4 and <= 18, got 99"]

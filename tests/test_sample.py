@@ -1,7 +1,7 @@
 """gpt.sample: text from a checkpoint, reproducible by seed, and one-line errors."""
 
 import pytest
-from helpers import run_module, shakespeare_path, tiny_args, write_corpus
+from helpers import error_line, run_module, shakespeare_path, tiny_args, write_corpus
 
 from gpt import sample, train
 from gpt.checkpoint import load_checkpoint, restore_model
@@ -19,9 +19,7 @@ def checkpoint(tmp_path_factory):
 
 
 def one_line_error(capsys) -> str:
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    return lines[0]
+    return error_line(capsys.readouterr().err)
 
 
 def test_the_command_line_continues_the_prompt(checkpoint):
@@ -64,6 +62,33 @@ def test_corrupt_checkpoint(tmp_path, capsys):
 def test_prompt_outside_the_vocabulary(checkpoint, capsys, prompt, message):
     assert sample.main(["--ckpt", str(checkpoint), "--prompt", prompt]) == 2
     assert message in one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--temperature", "nan"], "--temperature must be a finite number >= 0.001, got nan"),
+        (["--temperature", "inf"], "--temperature must be a finite number >= 0.001, got inf"),
+        (["--temperature", "1e-40"], "got 1e-40; for greedy sampling use --top-k 1"),
+        (["--temperature", "0"], "--temperature must be a finite number >= 0.001, got 0.0"),
+        (["--top-k", "-1"], "--top-k must be an integer >= 0, got -1; 0 samples among all tokens"),
+        (["--tokens", "-1"], "--tokens must be an integer >= 0, got -1"),
+        (["--seed", "-1"], "--seed must be an integer >= 0 and <= 4294967295, got -1"),
+        (["--seed", str(2**64)], "--seed must be an integer >= 0 and <= 4294967295"),
+        (["--device", "meta"], "--device meta: the model runs on cpu, cuda, mps, not meta"),
+    ],
+)
+def test_every_sampling_flag_is_checked(checkpoint, capsys, flags, message):
+    assert sample.main(["--ckpt", str(checkpoint), *flags]) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_complete_checks_its_arguments_too(checkpoint):
+    model, vocab = restore_model(load_checkpoint(checkpoint))
+    with pytest.raises(ValueError, match="--top-k must be an integer >= 1, got 0"):
+        sample.complete(model, vocab, "Good night", tokens=5, top_k=0)  # None samples among all tokens
+    with pytest.raises(ValueError, match="--temperature must be a finite number >= 0.001, got nan"):
+        sample.complete(model, vocab, "Good night", tokens=5, temperature=float("nan"))
 
 
 def test_unknown_word_from_the_command_line_is_one_line(checkpoint):

@@ -8,24 +8,37 @@ helpers.py, fixtures in conftest.py.
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
-from helpers import REPO, assert_same_losses, metrics, run_module, start_module, tiny_args, wait_for
+from helpers import (
+    REPO,
+    assert_same_losses,
+    error_line,
+    metrics,
+    run_module,
+    start_module,
+    tiny_args,
+    wait_for,
+    write_corpus,
+)
 
 from gpt import config, step, train
-from gpt.checkpoint import REQUIRED_KEYS, load_checkpoint
+from gpt.checkpoint import REQUIRED_KEYS, load_checkpoint, save_checkpoint
 from gpt.config import TrainConfig
 from gpt.data import TokenData, load_data
 from gpt.distributed import World
+from gpt.errors import RunError
 from gpt.model import GPTConfig
 from gpt.muon import Muon
-from gpt.runfiles import StopRequest
+from gpt.runfiles import Interrupted, StopRequest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,13 +146,45 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 
 def test_train_config_validation_names_the_option():
-    with pytest.raises(ValueError, match="--batch-size must be positive"):
+    with pytest.raises(ValueError, match="--batch-size must be an integer >= 1, got 0"):
         config.TrainConfig(batch_size=0).validate()
     with pytest.raises(ValueError, match="dropout must be in"):
         GPTConfig(dropout=1.0)
     with pytest.raises(ValueError, match="n_layer must be positive"):
         config.configure(["--n-layer", "0"])
     config.TrainConfig().validate()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["--lr", "0"], "--lr must be a finite number > 0"),
+        (["--weight-decay", "inf"], "--weight-decay must be a finite number >= 0, got inf"),
+        (["--grad-clip", "nan"], "--grad-clip must be a finite number >= 0, got nan"),
+        (["--minutes", "inf"], "--minutes must be a finite number > 0 and <= 1000000, got inf"),
+        (["--minutes", "nan"], "--minutes must be a finite number"),
+        (["--decay", "nan"], "--decay must be a finite number >= 0 and <= 1, got nan"),
+        (["--warmup", "-1"], "--warmup must be an integer >= 0"),
+        (["--eval-windows", "-1"], "--eval-windows must be an integer >= 0"),
+        (["--seed", "-1"], "--seed must be an integer >= 0 and <= 4294967295"),
+        (["--steps", str(2**63)], "--steps must be an integer >= 1 and <= 9223372036854775807"),
+        (["--stop-at", "0"], "--stop-at must be an integer >= 1"),
+        (["--dropout", "nan"], "dropout must be in [0, 1), got nan"),
+    ],
+)
+def test_every_numeric_flag_is_finite_and_in_range(flags, message):
+    with pytest.raises(ValueError) as error:
+        config.configure(flags)
+    assert message in str(error.value)
+
+
+def test_a_non_finite_flag_is_refused_on_resume_too(stopped_run, capsys):
+    before = (stopped_run / "ckpt.pt").read_bytes()
+    assert train.main(["--resume", "--out", str(stopped_run), "--lr", "inf"]) == 2
+    error_line(capsys.readouterr().err, "--lr must be a finite number > 0, got inf")
+    assert (stopped_run / "ckpt.pt").read_bytes() == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,18 +371,7 @@ def test_signal_saves_a_checkpoint_and_exits_with_128_plus_signal(corpus, tmp_pa
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
-@pytest.fixture
-def stopped_run(corpus, tmp_path) -> Path:
-    """An out/ directory holding the checkpoint of a tiny run stopped after 2 of 4 steps."""
-    out = tmp_path / "stopped"
-    assert train.main(tiny_args(corpus, out, "--steps", "4", "--stop-at", "2")) == 0
-    return out
+    error_line(result.stderr, *fragments)
 
 
 def test_error_missing_data(tmp_path):
@@ -374,3 +408,187 @@ def test_error_resume_without_checkpoint_and_overwrite_protection(stopped_run, t
     assert_one_line_error(run_module("gpt.train", ["--resume", "--out", str(tmp_path / "empty")]), "no checkpoint at")
     result = run_module("gpt.train", tiny_args(corpus, stopped_run, "--steps", "4"))
     assert_one_line_error(result, "exists; continue it with --resume")
+
+
+def test_error_device_without_data(tmp_path, capsys):
+    # meta tensors have shapes but no data: nothing could train there.
+    assert train.main(["--out", str(tmp_path / "out"), "--device", "meta"]) == 2
+    error_line(capsys.readouterr().err, "--device meta: the model runs on cpu, cuda, mps, not meta")
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--d-model", "1000000"],
+        ["--seq-len", "1000000000000"],
+        ["--n-layer", "100000000"],
+        ["--batch-size", str(2**40)],
+    ],
+)
+def test_error_a_model_that_does_not_fit_is_refused_before_it_is_allocated(corpus, tmp_path, capsys, flags):
+    started = time.monotonic()
+    assert train.main(tiny_args(corpus, tmp_path / "out", "--steps", "4", *flags)) == 2
+    line = error_line(capsys.readouterr().err, "this run needs at least", "but cpu has", "GiB")
+    assert "TiB" in line or "PiB" in line or "EiB" in line  # far beyond this machine
+    assert time.monotonic() - started < 30  # refused, not attempted
+    assert not (tmp_path / "out" / "ckpt.pt").exists()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody may write to: a read-only tmpfs as root (who may write anywhere else),
+    else a directory without write permission."""
+    path = tmp_path / "read_only"
+    path.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(path)]).returncode != 0:
+            pytest.skip("root here cannot mount a tmpfs, and root may write into any directory")
+        yield path
+        subprocess.run(["umount", str(path)], check=True)
+    else:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "read-only", "under read-only"])
+def test_error_bad_out_is_reported_before_the_data_is_loaded(tmp_path, capsys, request, where):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("a user's file\n")
+    read_only = request.getfixturevalue("read_only_dir") if "read-only" in where else None
+    out, message = {
+        "a file": (a_file, "exists and is not a directory"),
+        "under a file": (a_file / "out", "cannot create the directory"),
+        "read-only": (read_only, "is not writable"),
+        "under read-only": (read_only and read_only / "out", "cannot create the directory"),
+    }[where]
+    # The data path does not exist: had the data been loaded first, the error would say so.
+    assert train.main(["--data", str(tmp_path / "nope.txt"), "--out", str(out), "--device", "cpu"]) == 2
+    error_line(capsys.readouterr().err, f"--out {out}", message)
+    assert a_file.read_text() == "a user's file\n"
+
+
+def test_error_metrics_that_are_a_directory_on_resume(stopped_run, capsys):
+    (stopped_run / "metrics.jsonl").unlink()
+    (stopped_run / "metrics.jsonl").mkdir()
+    assert train.main(["--resume", "--out", str(stopped_run)]) == 2
+    error_line(capsys.readouterr().err, "metrics.jsonl is not a file")
+    assert load_checkpoint(stopped_run / "ckpt.pt")["step"] == 2
+
+
+def test_error_metrics_with_a_line_that_is_not_ours_on_resume(stopped_run, capsys):
+    path = stopped_run / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "[1, 2, 3]", *lines[1:]]) + "\n")
+    before = path.read_bytes()
+    assert train.main(["--resume", "--out", str(stopped_run)]) == 2
+    error_line(capsys.readouterr().err, "metrics.jsonl line 2 is not a metrics record", "remove that line")
+    assert path.read_bytes() == before  # the user's file, untouched
+    assert load_checkpoint(stopped_run / "ckpt.pt")["step"] == 2
+
+
+def test_error_resume_from_a_checkpoint_another_run_replaced_meanwhile(stopped_run):
+    """configure() reads the checkpoint before train() takes the lock: if another run saved in
+    between, this one must not continue from the stale copy and overwrite the newer one."""
+    cfg, state = config.configure(["--resume", "--out", str(stopped_run)])
+    newer = load_checkpoint(stopped_run / "ckpt.pt")
+    save_checkpoint(stopped_run / "ckpt.pt", {**newer, "step": 3, "elapsed_s": newer["elapsed_s"] + 1})
+    with pytest.raises(RunError, match="changed while it was being read"):
+        train.train(cfg, state)
+    assert load_checkpoint(stopped_run / "ckpt.pt")["step"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# A run that diverges: stopped in one line, the last good checkpoint kept, the log standard JSON
+
+
+def test_a_learning_rate_that_diverges_stops_the_run_and_keeps_the_last_good_checkpoint(stopped_run):
+    """The user's story: a good run stopped at step 2, resumed with a learning rate far too high.
+    Its loss is NaN at the next log step (4): the run stops there, in one line on its own below
+    the progress bar, and neither the checkpoint nor metrics.jsonl gets anything non-finite."""
+    good = load_checkpoint(stopped_run / "ckpt.pt")
+    result = run_module("gpt.train", ["--resume", "--out", str(stopped_run), "--lr", "1e30", "--stop-at", "4"])
+    assert result.returncode == 2, result.stderr
+    line = error_line(result.stderr, "training diverged at step 4", "--lr 1e+30", "still holds step 2")
+    before = result.stderr.split(line)[0]
+    assert "step/s" in before and before.endswith("\n")  # a progress bar came first, and its line ended
+    state = load_checkpoint(stopped_run / "ckpt.pt")
+    assert state["step"] == 2
+    for name, tensor in good["model"].items():
+        torch.testing.assert_close(state["model"][name], tensor, rtol=0, atol=0)
+    assert [r["step"] for r in metrics(stopped_run)] == [0, 2]  # standard JSON, and nothing of the bad steps
+    assert not list(stopped_run.glob("*.tmp"))
+    # The fix the message gives works: the same resume with the old learning rate.
+    assert train.main(["--resume", "--out", str(stopped_run), "--stop-at", "4"]) == 0
+
+
+def tiny_trainer(corpus: Path, out: Path, *extra: str) -> train.Trainer:
+    cfg, _ = config.configure(tiny_args(corpus, out, "--steps", "4", *extra))
+    out.mkdir()
+    return train.Trainer.start(cfg, World(), torch.device("cpu"))
+
+
+def test_weights_that_are_not_finite_are_never_saved(corpus, tmp_path):
+    """A step can break the weights while its own loss (computed before the update) is fine: the
+    save itself refuses them."""
+    trainer = tiny_trainer(corpus, tmp_path / "out")
+    trainer.save(tmp_path / "out")
+    saved = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    trainer.step = 3
+    with torch.no_grad():
+        trainer.model.blocks[0].mlp.up.weight[0, 0] = float("inf")
+    with pytest.raises(RunError, match="diverged at step 3: the weights are not finite.*still holds step 0"):
+        trainer.save(tmp_path / "out")
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == saved
+
+
+def test_a_non_finite_validation_loss_stops_the_run_before_it_is_logged(corpus, tmp_path):
+    trainer = tiny_trainer(corpus, tmp_path / "out")
+    with pytest.raises(RunError, match="diverged at step 0: the validation loss is nan.*no checkpoint was saved"):
+        trainer.check_finite(1.0, float("nan"))
+    trainer.check_finite(1.0, None)  # no evaluation at this log step
+
+
+# ---------------------------------------------------------------------------------------------
+# Responsive on Ctrl-C and SIGTERM even when evaluating takes long (Triton's CPU interpreter)
+
+
+def test_a_signal_during_an_evaluation_stops_it_at_once_and_saves_the_last_step(tmp_path):
+    """The first evaluation of the untrained model runs every validation window through Triton's
+    interpreter: tens of seconds here. SIGTERM in the middle of it is answered within seconds,
+    with the checkpoint of the last completed step (0) and exit code 143."""
+    corpus = write_corpus(tmp_path / "corpus.txt", n_lines=20_000)  # ~2,500 validation windows
+    out = tmp_path / "out"
+    args = tiny_args(corpus, out, "--attn", "triton", "--steps", "100", "--eval-windows", "0")
+    process = start_module("gpt.train", args, env={"PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for(lambda: process.stdout.readline().startswith("training from step 0"), what="the run to start")
+        time.sleep(1.0)  # inside the evaluation now
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+        answered_s = time.monotonic() - signalled
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr
+    assert "stopped by SIGTERM after step 0; checkpoint saved" in stdout
+    assert answered_s < 10, answered_s  # the whole evaluation takes several times longer
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 0
+    assert metrics(out) == []  # the evaluation never finished, so it logged nothing
+
+
+def test_interruptible_work_ends_at_the_signal_and_other_work_at_the_step():
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)  # outside: only noted, the step goes on
+        assert stop.signum == signal.SIGINT
+        with pytest.raises(Interrupted):  # inside, after a signal: ends at once
+            with stop.interruptible():
+                pytest.fail("interruptible work started after a signal")
+    with StopRequest() as stop:
+        with pytest.raises(Interrupted):
+            with stop.interruptible():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+                pytest.fail("the signal did not end the work")
+        assert stop.exit_code == 128 + signal.SIGTERM

@@ -18,7 +18,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import CUDA, CUDA_MARKS, cuda_only, make_qkv, make_varlen
+from helpers import make_qkv, make_varlen
 from tolerances import assert_close_to_reference, lse_recompute_atol
 
 import kernels
@@ -28,7 +28,7 @@ from kernels.triton_configs import LaunchConfig
 
 # With CUDA the kernels are compiled, and compiled Triton cannot read CPU tensors.
 interpreter_only = pytest.mark.skipif(not triton_attention.INTERPRET, reason="compiled Triton needs CUDA tensors")
-DEVICES = [pytest.param("cpu", marks=interpreter_only), pytest.param("cuda", marks=CUDA_MARKS)]
+DEVICES = [pytest.param("cpu", marks=interpreter_only), pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 @pytest.fixture(autouse=True)
@@ -573,7 +573,7 @@ def test_interpreter_rounds_bfloat16_casts_to_nearest_even():
     assert not torch.equal(y[:1000], x[:1000].view(torch.int32).bitwise_and(-65536).view(torch.float32).bfloat16())
 
 
-@pytest.mark.skipif(CUDA, reason="the interpreter is only switched on automatically without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is only switched on automatically without CUDA")
 def test_interpreter_works_when_triton_was_imported_first():
     """torch.compile imports triton before kernels.triton_attention can set TRITON_INTERPRET=1."""
     code = (
@@ -593,7 +593,7 @@ def test_interpreter_works_when_triton_was_imported_first():
 # ---------------------------------------------------------------------------------------
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("head_dim", [128, 256])
 @pytest.mark.parametrize("causal", [True, False])
 def test_cuda_long_sequence_bfloat16(head_dim, causal):
@@ -601,14 +601,14 @@ def test_cuda_long_sequence_bfloat16(head_dim, causal):
     check_against_reference(q, k, v, causal=causal)
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cuda_training_shape_fused_qkv(dtype):
     q, k, v = make_qkv(4, 12, 1024, 1024, 64, dtype=dtype, device="cuda", layout="fused_qkv")
     check_against_reference(q, k, v, causal=True)
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("q_len", [1, 16])
 def test_cuda_decoding_long_cache(q_len, monkeypatch):
     """Without gradients, a few queries against a long cache take the split-KV decode kernel."""
@@ -623,7 +623,7 @@ def test_cuda_decoding_long_cache(q_len, monkeypatch):
     assert decoded == [1, 1]
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_cuda_batch_times_heads_beyond_one_grid_axis():
     """1,100 x 64 = 70,400 (batch, head) programs: more than CUDA's 65,535 on one grid axis."""
     q, k, v = make_qkv(1100, 64, 32, 32, 16, kv_heads=16, dtype=torch.float16, device="cuda")
@@ -631,7 +631,7 @@ def test_cuda_batch_times_heads_beyond_one_grid_axis():
     check_inference_against_reference(q[:, :, -1:], k, v, causal=True)  # the decode kernel
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_cuda_every_variant_compiles_once_for_every_value():
     """A new dropout seed, window or softcap value, or length, reuses the variant's binaries: the
     kernels take them as unspecialized arguments."""
@@ -658,7 +658,7 @@ def test_cuda_every_variant_compiles_once_for_every_value():
     assert compiled == []
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("features", [(), ("gqa", "window", "softcap", "varlen", "dropout")], ids=["plain", "all"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_cuda_features(features, dtype):
@@ -681,7 +681,7 @@ def test_cuda_features(features, dtype):
         check_inference_against_reference(q[:, :, -5:], k, v, causal=True, window=100, softcap=20.0)
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("head_dim, causal, q_len, kv_len", [(64, True, 300, 300), (128, False, 200, 333)])
 def test_cuda_every_autotune_candidate(head_dim, causal, q_len, kv_len):
     """Whatever config the autotuner picks must be correct: run each candidate (ragged lengths)."""

@@ -13,7 +13,7 @@ under torch.compile.
 
 import pytest
 import torch
-from helpers import CUDA_MARKS, cuda_only, make_qkv, make_varlen
+from helpers import make_qkv, make_varlen
 from tolerances import assert_close_to_reference
 
 import kernels
@@ -23,7 +23,7 @@ from kernels.triton_decode import decode_attention, decode_config, decode_split_
 
 # With CUDA the kernels are compiled, and compiled Triton cannot read CPU tensors.
 interpreter_only = pytest.mark.skipif(not triton_decode.INTERPRET, reason="compiled Triton needs CUDA tensors")
-DEVICES = [pytest.param("cpu", marks=interpreter_only), pytest.param("cuda", marks=CUDA_MARKS)]
+DEVICES = [pytest.param("cpu", marks=interpreter_only), pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
 def check_decode(q, k, v, *, causal, scale=None, run=decode_attention, **options):
@@ -359,7 +359,7 @@ def test_generating_with_a_cache_decodes_with_the_decode_kernel(compiled, decode
 # ---------------------------------------------------------------------------------------
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("kv_len", [4096, 8191])
 @pytest.mark.parametrize("q_len", [1, 16])
@@ -369,7 +369,7 @@ def test_cuda_long_cache_bfloat16(head_dim, kv_len, q_len):
     check_decode(q, k, v, causal=True)
 
 
-@cuda_only
+@pytest.mark.cuda
 def test_cuda_growing_cache_compiles_nothing_new():
     """After the first call, new cache lengths and query lengths reuse the same binaries."""
     import triton
