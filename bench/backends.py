@@ -136,24 +136,25 @@ def triton_variant(name: str, what: str, change: Callable, color: str = "tab:bro
     """
 
     def make(seqlen, device):
+        import dataclasses
+
         import torch
 
-        from kernels import triton_attention, triton_runtime
+        from kernels import triton_attention
+        from kernels.triton_common import Options
 
         plans = {}
 
         def attn(q, k, v):
+            options = Options(causal=True, scale=q.shape[-1] ** -0.5)
             key = (q.shape, k.shape, q.dtype, q.device)
             if key not in plans:
-                plan = triton_attention._Plan(q.shape, k.shape[2], q.dtype, q.device, True, triton_runtime.SWITCHES)
-                plan.configs = {
-                    kernel: change(kernel, plan._table_config(kernel)[1]) for kernel in ("fwd", "dkdv", "dq")
-                }
-                plans[key] = plan
-            scale = q.shape[-1] ** -0.5
+                plan = triton_attention._plan_for(q, k, v, options)
+                configs = {kernel: change(kernel, plan._table_config(kernel)[1]) for kernel in ("fwd", "dkdv", "dq")}
+                plans[key] = dataclasses.replace(plan, configs=configs)
             if torch.is_grad_enabled() and q.requires_grad:
-                return triton_attention._FlashAttention.apply(q, k, v, scale, plans[key])
-            return triton_attention._forward(q, k, v, scale, plans[key])[0]
+                return triton_attention._FlashAttention.apply(q, k, v, options, None, plans[key])
+            return triton_attention._forward(q, k, v, options, None, plans[key])[0]
 
         return attn
 
