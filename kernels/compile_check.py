@@ -25,9 +25,10 @@ the heaviest variant of the kernels, shown as "variant" in the calls column; the
 checks apply. The features are constexpr switches, so the plain calls compile the kernels
 exactly as they were before the features existed.
 
-With --hopper-variants every sm90 row of a kernel with variants (HOPPER_VARIANTS: the variant
-fields of LaunchConfig, kernels/triton_configs.py) is compiled again with each of them on, as
-rows of their own ("(128, 64, 8, 3) tma"), serving the same calls as the table row; with
+With --hopper-variants every 16-bit sm90 row of a kernel with variants (HOPPER_VARIANTS: the
+variant fields of LaunchConfig, kernels/triton_configs.py), except the decode length class's, is
+compiled again with each of them on: the rows a GPU measurement times. They are rows of their
+own ("(128, 64, 8, 3) tma"), serving the same calls as the table row; with
 --variants too, also its calls with every feature on. Their NEEDS lines say what each must
 contain (a TMA variant: cp.async.bulk.tensor), so a variant that fell back to the pointer path
 fails here. The variants no kernel implements (UNAVAILABLE_VARIANTS) are listed, not compiled.
@@ -150,7 +151,7 @@ NEEDS = (
     Needs(("cp.async", "tma"), "num_stages > 1 pipelines the loads into asynchronous copies",
           dtype_classes=("16-bit", "float32"), when=lambda kernel, cfg: cfg.num_stages > 1),
     Needs(("tma",), "tma=True loads through tensor descriptors (TMA: cp.async.bulk.tensor)", archs=("sm90",),
-          dtype_classes=("16-bit", "float32"), when=lambda kernel, cfg: cfg.tma),
+          when=lambda kernel, cfg: cfg.tma),
 )  # fmt: skip
 
 # --hopper-variants: the variants each kernel's sm90 rows are compiled with, as changes to the row's config.
@@ -446,14 +447,15 @@ class Row:
 
 def table_rows(archs, variants: bool = False, hopper_variants: bool = False) -> list[Row]:
     """Every row of the table for `archs`, with the programs its calls launch (recorded, not compiled);
-    with `hopper_variants`, each sm90 row of a kernel in HOPPER_VARIANTS followed by its variants."""
+    with `hopper_variants`, after each 16-bit sm90 row (but decoding's) of a kernel in HOPPER_VARIANTS
+    its variants."""
     rows = []
     for arch in archs:
         for (kernel, dtype_class, causal, length), by_head_dim in TABLE[arch].items():
             for head_dim, cfg in by_head_dim.items():
                 row = Row(arch, kernel, dtype_class, causal, length, head_dim, cfg)
                 rows.append(record_row(row, variants))
-                if hopper_variants and arch == "sm90":
+                if hopper_variants and arch == "sm90" and dtype_class == "16-bit" and length != "decode":
                     for change in HOPPER_VARIANTS.get(kernel, ()):
                         variant = dataclasses.replace(row, cfg=cfg._replace(**change), programs={}, table_cfg=cfg)
                         rows.append(record_row(variant, variants))
@@ -570,7 +572,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--hopper-variants",
         action="store_true",
-        help="also compile every sm90 row of " + ", ".join(HOPPER_VARIANTS) + " with each of its kernel's variants "
+        help="also compile every 16-bit sm90 row of " + ", ".join(HOPPER_VARIANTS) + " (but decoding's) with each "
+        "of its kernel's variants "
         "(" + "; ".join(f"{k}: " + ", ".join("+".join(c) for c in v) for k, v in HOPPER_VARIANTS.items()) + ")",
     )
     args = parser.parse_args(argv)

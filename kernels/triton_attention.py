@@ -41,7 +41,8 @@ read and handed out, never what a tile computes:
   TMA        Q, K, V and O through tensor descriptors made on the device (Hopper's TMA engine)
              instead of pointers. Their bounds (Tq, Tk, the head dim) do the masking. Inputs a
              descriptor cannot read (a head-dim stride other than 1, other strides or the start
-             not 16-byte aligned) and packed sequences take the pointer path (_descriptor_accepts).
+             not 16-byte aligned: _descriptor_accepts), packed sequences and float32 inputs (whose
+             small full-precision tiles spill with descriptors) take the pointer path.
              The descriptors need a little global memory per program, from triton.set_allocator's
              allocator: if none is set, one that takes it from PyTorch is (_ensure_allocator).
   PERSISTENT one program per SM, each looping over (query block, batch x head) tiles, causal
@@ -457,8 +458,10 @@ def _attn_fwd(
     if PERSISTENT:
         # grid: (programs,), at most one per SM; tiles: cdiv(Tq, BLOCK_M) x B * H (max_seqlen_q and
         # sequences * H with VARLEN), heaviest first
+        # (disable_licm: nothing hoisted out of this loop stays live across every tile; that made
+        # the head dim 128 forward spill.)
         blocks = tl.cdiv(N_Q, BLOCK_M)
-        for tile in tl.range(tl.program_id(0), blocks * batch_heads, tl.num_programs(0)):
+        for tile in tl.range(tl.program_id(0), blocks * batch_heads, tl.num_programs(0), disable_licm=True):
             start_m, off_hb = _persistent_tile(tile, blocks, batch_heads, CAUSAL)
             q_start, k_start, len_q, len_k = None, None, N_Q, N_K
             if VARLEN:
@@ -912,10 +915,12 @@ def _programs_per_device(device: torch.device) -> int:
 
 def _descriptor_accepts(t: torch.Tensor) -> bool:
     """Whether a (B, H, T, D) tensor can be read through a TMA descriptor: head-dim stride 1, the
-    other strides and the start 16-byte aligned (a contiguous tensor, or views of a fused QKV
-    projection, with head dims that are multiples of 8 in 16-bit). Others take the pointer path."""
+    other strides positive (not broadcast) and, like the start, 16-byte aligned (a contiguous tensor,
+    or views of a fused QKV projection, with head dims that are multiples of 8 in 16-bit). Others
+    take the pointer path."""
     size = t.element_size()
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
+    aligned = all(s > 0 and s * size % 16 == 0 for s in t.stride()[:-1])
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and aligned
 
 
 def _ensure_allocator() -> None:
@@ -1100,8 +1105,10 @@ class _Plan:
                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                     batch_heads=self.batch * heads if split_grid or cfg.persistent or cfg.tma else None)
         if kernel == "fwd":
-            # Packed sequences end inside the tensors, where a descriptor's bounds cannot stop: pointers.
-            meta.update(TMA=cfg.tma and not self.packed, PERSISTENT=cfg.persistent)
+            # Packed sequences end inside the tensors, where a descriptor's bounds cannot stop, and
+            # float32's small tiles of full-precision products, which spill with descriptors: pointers.
+            tma = cfg.tma and not self.packed and self.dtype != torch.float32
+            meta.update(TMA=tma, PERSISTENT=cfg.persistent)
         return _Launch((blocks, *batch_heads), meta)
 
     def _table_config(self, kernel: str) -> tuple[str, LaunchConfig]:

@@ -67,7 +67,8 @@ class LaunchConfig(NamedTuple):
     default, so LaunchConfig(block_m, block_n, num_warps, num_stages) is today's kernel. They are
     the forward's ("fwd"); any other kernel refuses them (kernels/triton_attention.py):
       tma              load Q, K, V and store O through tensor descriptors (TMA, sm_90 and later)
-                       instead of pointers; inputs a descriptor cannot take run the pointer path
+                       instead of pointers, for 16-bit inputs a descriptor can read (the others,
+                       and packed sequences, run the pointer path)
       persistent       one program per SM, each looping over (query block, batch x head) tiles,
                        causal ones heaviest first
       warp_specialize  the key loops split into producer and consumer warps by Triton: refused by
@@ -97,7 +98,8 @@ FORWARD_VARIANTS = ("tma", "persistent")  # the variant fields the forward imple
 # Variant fields no kernel implements, and why: the launch code refuses them with this reason.
 UNAVAILABLE_VARIANTS = {
     "warp_specialize": "Triton's warp-specialization pass cannot compile the forward's key loops for sm_90 "
-    "(Triton 3.9: with 4 warps the pass aborts the process, with 8 it leaves the loops as they are)",
+    "(Triton 3.9, 4 warps: an assertion aborts the process with pointer loads, a verifier error with tensor "
+    "descriptors; 8 warps: the loops are left unspecialized)",
 }
 
 
