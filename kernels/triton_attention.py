@@ -252,7 +252,7 @@ def _attn_fwd_inner(
         offs_n = start_n + offs_n0
         if TMA:  # the descriptor's bounds (Tk rows, HEAD_DIM columns) zero-fill what lies past them
             k = _load_block(K, kv_b, kv_h, start_n, BLOCK_N, BLOCK_D)  # (BLOCK_N, BLOCK_D)
-            v = _load_block(V, kv_b, kv_h, start_n, BLOCK_N, V.block_shape[3])  # (BLOCK_N, BLOCK_D)
+            v = _load_block(V, kv_b, kv_h, start_n, BLOCK_N, BLOCK_D)  # (BLOCK_N, BLOCK_D)
         else:
             in_k = offs_n[:, None] < N_K
             k = _load(_tile(K, offs_n, stride_kn, offs_d, stride_kd), in_k, in_d, MASKED, PAD_D)  # (BLOCK_N, BLOCK_D)
