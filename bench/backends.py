@@ -184,3 +184,40 @@ register(Backend("flex", "FlexAttention, causal block mask, compiled", _make_fle
 register(
     Backend("triton", "our kernel, the config table's launch", _kernels_backend("triton"), ours=True, color="black")
 )
+
+
+def _forward(**change) -> Callable:
+    """A triton_variant change of the forward's config only (the backward keeps the table's)."""
+    return lambda kernel, cfg: cfg._replace(**change) if kernel == "fwd" else cfg
+
+
+# The forward's variants (kernels/triton_configs.py, LaunchConfig): TMA loads, the persistent
+# heaviest-first schedule, both; and Hopper tiles the tuner also tries (HOPPER_FORWARD_CANDIDATES):
+# FlashAttention-3's 128 x 128 on 8 warps, and BLOCK_M 256 for head dim 64.
+register(triton_variant("triton-tma", "forward through TMA tensor descriptors", _forward(tma=True), "tab:olive"))
+register(
+    triton_variant(
+        "triton-persistent", "persistent forward, heaviest tiles first", _forward(persistent=True), "tab:pink"
+    )
+)
+register(
+    triton_variant(
+        "triton-tma-persistent", "persistent forward through TMA", _forward(tma=True, persistent=True), "teal"
+    )
+)
+register(
+    triton_variant(
+        "triton-fwd-128x128",
+        "forward on 128 x 128 tiles, 8 warps, 2 stages",
+        _forward(block_m=128, block_n=128, num_warps=8, num_stages=2),
+        "darkgoldenrod",
+    )
+)
+register(
+    triton_variant(
+        "triton-fwd-256x64",
+        "forward on 256 x 64 tiles, 8 warps, 3 stages (a head dim 64 tile)",
+        _forward(block_m=256, block_n=64, num_warps=8, num_stages=3),
+        "indigo",
+    )
+)

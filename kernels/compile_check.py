@@ -3,6 +3,7 @@
     TRITON_INTERPRET=0 python -m kernels.compile_check              # the sm90 rows, for sm_90a
     TRITON_INTERPRET=0 python -m kernels.compile_check --arch all   # also sm80 (sm_80) and generic (sm_86)
     TRITON_INTERPRET=0 python -m kernels.compile_check --variants   # also every row with every feature on
+    TRITON_INTERPRET=0 python -m kernels.compile_check --hopper-variants   # also each sm90 row's kernel variants
 
 What it compiles. At launch, Triton's JIT specializes a kernel on its arguments: an integer
 argument equal to 1 becomes a constant (the head-dim stride of a contiguous or fused-QKV
@@ -23,6 +24,14 @@ kernels.attention switched on (VARIANT: grouped-query heads, a window, a softcap
 the heaviest variant of the kernels, shown as "variant" in the calls column; the same
 checks apply. The features are constexpr switches, so the plain calls compile the kernels
 exactly as they were before the features existed.
+
+With --hopper-variants every 16-bit sm90 row of a kernel with variants (HOPPER_VARIANTS: the
+variant fields of LaunchConfig, kernels/triton_configs.py), except the decode length class's, is
+compiled again with each of them on: the rows a GPU measurement times. They are rows of their
+own ("(128, 64, 8, 3) tma"), serving the same calls as the table row; with
+--variants too, also its calls with every feature on. Their NEEDS lines say what each must
+contain (a TMA variant: cp.async.bulk.tensor), so a variant that fell back to the pointer path
+fails here. The variants no kernel implements (UNAVAILABLE_VARIANTS) are listed, not compiled.
 
 What it checks, for every row and every program its calls compile to:
   - registers and spilled bytes per thread (the `ptxas -v` log of Triton's own cubin) and
@@ -67,7 +76,16 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from kernels import triton_attention, triton_decode  # noqa: E402
 from kernels.triton_common import Options  # noqa: E402
-from kernels.triton_configs import ANY, ARCHS, LENGTH_CLASSES, SHARED_MEMORY, TABLE, LaunchConfig, table_config  # noqa: E402
+from kernels.triton_configs import (  # noqa: E402
+    ANY,
+    ARCHS,
+    LENGTH_CLASSES,
+    SHARED_MEMORY,
+    TABLE,
+    UNAVAILABLE_VARIANTS,
+    LaunchConfig,
+    table_config,
+)
 
 # The GPU each table architecture is compiled for (warp size 32, as CUDA drivers report it).
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32), "generic": GPUTarget("cuda", 86, 32)}
@@ -132,7 +150,14 @@ NEEDS = (
     Needs(("mma",), "16-bit tiles use mma.sync", archs=("sm80", "generic")),
     Needs(("cp.async", "tma"), "num_stages > 1 pipelines the loads into asynchronous copies",
           dtype_classes=("16-bit", "float32"), when=lambda kernel, cfg: cfg.num_stages > 1),
+    Needs(("tma",), "tma=True loads through tensor descriptors (TMA: cp.async.bulk.tensor)", archs=("sm90",),
+          when=lambda kernel, cfg: cfg.tma),
 )  # fmt: skip
+
+# --hopper-variants: the variants each kernel's sm90 rows are compiled with, as changes to the row's config.
+HOPPER_VARIANTS = {
+    "fwd": (dict(tma=True), dict(persistent=True), dict(tma=True, persistent=True)),
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -386,8 +411,14 @@ class Row:
     causal: bool | None
     length: str | None
     head_dim: int
-    cfg: LaunchConfig
+    cfg: LaunchConfig  # what the row's calls launch with
     programs: dict[Launch, list[Call]] = dataclasses.field(default_factory=dict)
+    table_cfg: LaunchConfig | None = None  # for a variant of a table row (--hopper-variants): the row's own config
+
+    @property
+    def entry(self) -> LaunchConfig:
+        """The table's config this row stands for."""
+        return self.cfg if self.table_cfg is None else self.table_cfg
 
     def calls(self, variants: bool = False) -> list[Call]:
         """The calls a GPU of this arch sends to this row's config (the most specific row wins);
@@ -398,7 +429,7 @@ class Row:
             if self.causal in (ANY, causal)
             for length in KERNELS[self.kernel].lengths
             if self.length in (ANY, length)
-            and table_config(self.arch, self.kernel, self.dtype_class, causal, length, self.head_dim) == self.cfg
+            and table_config(self.arch, self.kernel, self.dtype_class, causal, length, self.head_dim) == self.entry
             for layout in LAYOUTS
         ]
         if not variants:
@@ -410,17 +441,24 @@ class Row:
         show = lambda value: "any" if value is None else str(value)  # noqa: E731
         return (
             f"{self.arch:8} {self.kernel:6} {self.dtype_class:8} {show(self.causal):6} {show(self.length):6} "
-            f"{self.head_dim:>4} {str(tuple(self.cfg)):16}"
+            f"{self.head_dim:>4} {self.cfg.label():16}"
         )
 
 
-def table_rows(archs, variants: bool = False) -> list[Row]:
-    """Every row of the table for `archs`, with the programs its calls launch (recorded, not compiled)."""
+def table_rows(archs, variants: bool = False, hopper_variants: bool = False) -> list[Row]:
+    """Every row of the table for `archs`, with the programs its calls launch (recorded, not compiled);
+    with `hopper_variants`, after each 16-bit sm90 row (but decoding's) of a kernel in HOPPER_VARIANTS
+    its variants."""
     rows = []
     for arch in archs:
         for (kernel, dtype_class, causal, length), by_head_dim in TABLE[arch].items():
             for head_dim, cfg in by_head_dim.items():
-                rows.append(record_row(Row(arch, kernel, dtype_class, causal, length, head_dim, cfg), variants))
+                row = Row(arch, kernel, dtype_class, causal, length, head_dim, cfg)
+                rows.append(record_row(row, variants))
+                if hopper_variants and arch == "sm90" and dtype_class == "16-bit" and length != "decode":
+                    for change in HOPPER_VARIANTS.get(kernel, ()):
+                        variant = dataclasses.replace(row, cfg=cfg._replace(**change), programs={}, table_cfg=cfg)
+                        rows.append(record_row(variant, variants))
     return rows
 
 
@@ -531,14 +569,24 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--variants", action="store_true", help=f"also compile every row with {'+'.join(VARIANT)} on (fused QKV)"
     )
+    parser.add_argument(
+        "--hopper-variants",
+        action="store_true",
+        help="also compile every 16-bit sm90 row of " + ", ".join(HOPPER_VARIANTS) + " (but decoding's) with each "
+        "of its kernel's variants "
+        "(" + "; ".join(f"{k}: " + ", ".join("+".join(c) for c in v) for k, v in HOPPER_VARIANTS.items()) + ")",
+    )
     args = parser.parse_args(argv)
     _require_triton_jit()
     archs = ARCHS if args.arch == "all" else (args.arch,)
-    rows = table_rows(archs, args.variants)
+    rows = table_rows(archs, args.variants, args.hopper_variants)
     spill = ", ".join(f"{dtype_class} {limit}" for dtype_class, limit in SPILL_LIMIT.items())
     programs = len({(row.arch, launch) for row in rows for launch in row.programs})
     print(f"triton {triton.__version__}; {len(rows)} rows, {programs} programs; spill limit (bytes/thread): {spill}")
     failures = check(rows, max(1, args.jobs))
+    if args.hopper_variants:
+        for name, why in UNAVAILABLE_VARIANTS.items():
+            print(f"{name}: not compiled, refused by the launch code: {why}")
     if failures:
         print(f"\n{len(failures)} row(s) failed:")
         print("\n".join(failures))

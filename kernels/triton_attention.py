@@ -35,6 +35,19 @@ call compiles exactly the kernel it did before they existed (kernels/triton_comm
              padding columns masked;
   SPLIT_GRID batch x heads over grid axes 1 and 2, past CUDA's 65,535 programs per axis.
 
+The forward has variants too, chosen by the launch config (LaunchConfig's variant fields,
+kernels/triton_configs.py), off unless a config turns them on; they change how its tiles are
+read and handed out, never what a tile computes:
+  TMA        Q, K, V and O through tensor descriptors made on the device (Hopper's TMA engine)
+             instead of pointers. Their bounds (Tq, Tk, the head dim) do the masking. Inputs a
+             descriptor cannot read (a head-dim stride other than 1, other strides or the start
+             not 16-byte aligned: _descriptor_accepts), packed sequences and float32 inputs (whose
+             small full-precision tiles spill with descriptors) take the pointer path.
+             The descriptors need a little global memory per program, from triton.set_allocator's
+             allocator: if none is set, one that takes it from PyTorch is (_ensure_allocator).
+  PERSISTENT one program per SM, each looping over (query block, batch x head) tiles, causal
+             ones heaviest first (_persistent_tile), so that the programs finish together.
+
 Scores are scaled into base 2 (scale * log2(e)) so the kernels use exp2, which maps to
 one hardware instruction.
 
@@ -221,8 +234,10 @@ def _attn_fwd_inner(
     K, V, stride_kn, stride_kd, stride_vn, stride_vd,  # this (batch, kv head)'s keys and values
     offs_m, offs_d, in_d, lo, hi, lo2, hi2, N_K, diag, qk_scale,
     softcap_scale, window, dropout_rows, dropout_threshold,  # the variants' values (None when off)
-    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    kv_b, kv_h,  # with TMA: K and V are descriptors of the whole (B, H_kv, Tk, D) tensors, read at [kv_b, kv_h]
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     DROPOUT: tl.constexpr, PAD_D: tl.constexpr, MASKED: tl.constexpr, FP32_DOT: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Fold key blocks [lo, hi) into the online softmax of one query block, and with WINDOW
     and MASKED those of [lo2, hi2) after them: both masked ranges of a window, in one loop."""
@@ -235,9 +250,13 @@ def _attn_fwd_inner(
             start_n = tl.where(start_n < hi, start_n, start_n - hi + lo2)
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
-        in_k = offs_n[:, None] < N_K
-        k = _load(_tile(K, offs_n, stride_kn, offs_d, stride_kd), in_k, in_d, MASKED, PAD_D)  # (BLOCK_N, BLOCK_D)
-        v = _load(_tile(V, offs_n, stride_vn, offs_d, stride_vd), in_k, in_d, MASKED, PAD_D)  # (BLOCK_N, BLOCK_D)
+        if TMA:  # the descriptor's bounds (Tk rows, HEAD_DIM columns) zero-fill what lies past them
+            k = _load_block(K, kv_b, kv_h, start_n, BLOCK_N, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+            v = _load_block(V, kv_b, kv_h, start_n, BLOCK_N, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+        else:
+            in_k = offs_n[:, None] < N_K
+            k = _load(_tile(K, offs_n, stride_kn, offs_d, stride_kd), in_k, in_d, MASKED, PAD_D)  # (BLOCK_N, BLOCK_D)
+            v = _load(_tile(V, offs_n, stride_vn, offs_d, stride_vd), in_k, in_d, MASKED, PAD_D)  # (BLOCK_N, BLOCK_D)
         qk = dot(q, tl.trans(k), FP32_DOT)  # (BLOCK_M, BLOCK_N) raw scores
         if SOFTCAP:  # times qk_scale = softcap * log2(e) below: softcap * tanh(scale * q k^T / softcap)
             qk = tanh(qk * softcap_scale)
@@ -265,6 +284,149 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
+@triton.jit
+def _descriptor(base, batch, heads, rows, stride_b, stride_h, stride_row, HEAD_DIM: tl.constexpr,
+                ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """With TMA: a tensor descriptor of a whole (batch, heads, rows, HEAD_DIM) tensor with head-dim
+    stride 1, read and written in (ROWS, BLOCK_D) tiles. Made on the device (tl.make_tensor_descriptor),
+    so it takes the tensor's own strides: views of a fused QKV projection need no copy. Its bounds
+    do the masking: loads past `rows` or HEAD_DIM read 0, stores past them are dropped."""
+    return tl.make_tensor_descriptor(base, shape=[batch, heads, rows, HEAD_DIM],
+                                     strides=[stride_b, stride_h, stride_row, 1], block_shape=[1, 1, ROWS, BLOCK_D])
+
+
+@triton.jit
+def _load_block(desc, b, h, row, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Rows [row, row + ROWS) of (batch b, head h) through a _descriptor, as a (ROWS, COLS) tile."""
+    return desc.load([b, h, row, 0]).reshape(ROWS, COLS)
+
+
+@triton.jit
+def _persistent_tile(tile, blocks, batch_heads, CAUSAL: tl.constexpr):
+    """With PERSISTENT: the (query block, batch*head) of tile number `tile`, in the schedule's order.
+
+    Tiles run in rounds of batch_heads: round r holds the r-th heaviest query block of every head,
+    and a program takes tiles program_id, program_id + programs, ... So with CAUSAL (where the last
+    query blocks see the most keys) the longest tiles start first and the shortest fill in at the
+    end (longest-processing-time first, FlashAttention-4's scheduler's idea). Odd rounds walk the
+    heads backwards, so a program whose tile in one round came late in the heads gets an early one
+    in the next, and the programs' totals even out.
+    """
+    rank = tile // batch_heads
+    off_hb = tile % batch_heads
+    off_hb = tl.where(rank % 2 == 1, batch_heads - 1 - off_hb, off_hb)
+    start_m = rank
+    if CAUSAL:
+        start_m = blocks - 1 - rank
+    return start_m, off_hb
+
+
+@triton.jit
+def _attn_fwd_tile(
+    start_m, off_hb, Q, K, V, Out, Lse, q_start, k_start,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_lse_h, H, N_Q, N_K, qk_scale, softcap_scale, window, dropout_seed, dropout_threshold, dropout_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
+    VARLEN: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """One query block `start_m` of one (batch, head) `off_hb`: its output rows and their LSE.
+    With VARLEN, N_Q and N_K are its sequence's lengths, starting at rows q_start and k_start."""
+    off_b = (off_hb // H).to(tl.int64)  # int64: batch offsets can pass 2**31 elements
+    off_h = (off_hb % H).to(tl.int64)
+    off_kv = off_h
+    if GROUP > 1:  # grouped-query attention: query head h reads kv head h // GROUP
+        off_kv = off_h // GROUP
+    desc_b, desc_h, desc_kv = None, None, None
+    if TMA:  # Q, K, V and Out are descriptors of the whole tensors: this tile's are read at its indices
+        desc_b, desc_h = (off_hb // H).to(tl.int32), (off_hb % H).to(tl.int32)
+        desc_kv = desc_h // GROUP
+    else:  # point every base pointer at this program's (batch, head): below, only rows and columns
+        if VARLEN:  # off_b is the sequence; its rows start at q_start and k_start (stride_qb etc. are 0)
+            Q += q_start * stride_qm
+            Out += q_start * stride_om
+            K += k_start * stride_kn
+            V += k_start * stride_vn
+        Q += off_b * stride_qb + off_h * stride_qh
+        K += off_b * stride_kb + off_kv * stride_kh
+        V += off_b * stride_vb + off_kv * stride_vh
+        Out += off_b * stride_ob + off_h * stride_oh
+    if VARLEN:  # Lse (H, total_q)
+        Lse += off_h * stride_lse_h + q_start
+    else:  # Lse (B, H, Tq)
+        Lse += off_hb.to(tl.int64) * N_Q
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_q = offs_m[:, None] < N_Q
+    in_d = offs_d[None, :] < HEAD_DIM  # BLOCK_D pads the head dim to a power of two
+    if HEAD_DIM < BLOCK_D:
+        in_q = in_q & in_d
+    # Rows past Tq load zeros and compute harmless values that are never stored.
+    if TMA:
+        q = _load_block(Q, desc_b, desc_h, start_m * BLOCK_M, BLOCK_M, BLOCK_D)  # (BLOCK_M, BLOCK_D)
+    else:
+        q = tl.load(_tile(Q, offs_m, stride_qm, offs_d, stride_qd), mask=in_q, other=0.0)  # (BLOCK_M, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base-2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running unnormalized output
+    dropout_rows = None
+    if DROPOUT:  # the mask's hash of (seed, batch, head, query), continued per key in the loop
+        dropout_rows = dropout_row_bits(dropout_seed, off_b, off_h, offs_m)
+
+    if WINDOW:
+        # First the key blocks every row sees, unmasked; then in one loop the masked ones at the
+        # window's far edge and at the diagonal or the end of the keys (a third loop spilled
+        # registers). Blocks before the first and after the last are skipped.
+        lo, full_lo, full_hi, hi = _window_key_ranges(start_m, N_Q, N_K, window, BLOCK_M, BLOCK_N, CAUSAL)
+        diag = N_K - N_Q
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                        offs_m, offs_d, in_d, full_lo, full_hi, None, None, N_K, diag, qk_scale,
+                                        softcap_scale, window, dropout_rows, dropout_threshold, desc_b, desc_kv,
+                                        BLOCK_N, BLOCK_D, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D, False,
+                                        FP32_DOT, TMA)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                        offs_m, offs_d, in_d, lo, full_lo, full_hi, hi, N_K, diag, qk_scale,
+                                        softcap_scale, window, dropout_rows, dropout_threshold, desc_b, desc_kv,
+                                        BLOCK_N, BLOCK_D, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D, True,
+                                        FP32_DOT, TMA)
+    else:
+        full_end, end = _key_ranges(start_m, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
+        diag = N_K - N_Q
+        # Phase 1: key blocks every row sees in full, no mask. Phase 2: the blocks crossing
+        # the causal diagonal or the end of the keys. Blocks after `end` are skipped.
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                        offs_m, offs_d, in_d, 0, full_end, None, None, N_K, diag, qk_scale,
+                                        softcap_scale, window, dropout_rows, dropout_threshold, desc_b, desc_kv,
+                                        BLOCK_N, BLOCK_D, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D, False,
+                                        FP32_DOT, TMA)
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                                        offs_m, offs_d, in_d, full_end, end, None, None, N_K, diag, qk_scale,
+                                        softcap_scale, window, dropout_rows, dropout_threshold, desc_b, desc_kv,
+                                        BLOCK_N, BLOCK_D, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D, True,
+                                        FP32_DOT, TMA)
+
+    if VARLEN or WINDOW:
+        # Rows that saw no key (l = 0): those of a sequence without keys, which are 0 with lse -inf,
+        # and padding rows past Tq whose window ends past the keys (never stored).
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    acc = acc / l_i[:, None]
+    if DROPOUT:  # the survivors, scaled by 1 / (1 - p)
+        acc = acc * dropout_scale
+    # Base-2 LSE, kept in the units the backward uses: converting to natural log and back
+    # would add two roundings, and at large logits each costs accuracy in the gradients.
+    lse = m_i + tl.math.log2(l_i)
+    if TMA:
+        Out.store([desc_b, desc_h, start_m * BLOCK_M, 0], acc.to(Out.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    else:
+        tl.store(_tile(Out, offs_m, stride_om, offs_d, stride_od), acc.to(Out.dtype.element_ty), mask=in_q)
+    tl.store(Lse + offs_m, lse, mask=offs_m < N_Q)
+
+
 # Lengths change every decoding step, a packed batch's total (stride_lse_h) every batch, the seed every
 # training step: none is specialized on, so none recompiles.
 @triton.jit(do_not_specialize=["stride_lse_h", "N_Q", "N_K", "batch_heads", "window", "dropout_seed",
@@ -282,97 +444,56 @@ def _attn_fwd(
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
     VARLEN: tl.constexpr, SPLIT_GRID: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr, PERSISTENT: tl.constexpr,  # the variants (LaunchConfig.tma, .persistent)
 ):
-    # grid: (cdiv(Tq, BLOCK_M), B * H), or (cdiv(max_seqlen_q, BLOCK_M), sequences * H) with VARLEN
-    start_m = tl.program_id(0)
-    off_hb = tl.program_id(1)
-    if SPLIT_GRID:
-        off_hb = split_grid_batch_head(off_hb)
-        if off_hb >= batch_heads:
-            return
-    # Point every base pointer at this program's (batch, head): below, only rows and columns.
-    off_b = (off_hb // H).to(tl.int64)  # int64: batch offsets can pass 2**31 elements
-    off_h = (off_hb % H).to(tl.int64)
-    off_kv = off_h
-    if GROUP > 1:  # grouped-query attention: query head h reads kv head h // GROUP
-        off_kv = off_h // GROUP
-    if VARLEN:  # off_b is the sequence; its rows start at q_start and k_start (stride_qb etc. are 0)
-        q_start, N_Q = sequence_span(Cu_seqlens_q, off_b)
-        k_start, N_K = sequence_span(Cu_seqlens_k, off_b)
-        if start_m * BLOCK_M >= N_Q:
-            return
-        Q += q_start * stride_qm
-        Out += q_start * stride_om
-        K += k_start * stride_kn
-        V += k_start * stride_vn
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_kv * stride_kh
-    V += off_b * stride_vb + off_kv * stride_vh
-    Out += off_b * stride_ob + off_h * stride_oh
-    if VARLEN:  # Lse (H, total_q)
-        Lse += off_h * stride_lse_h + q_start
-    else:  # Lse (B, H, Tq)
-        Lse += off_hb.to(tl.int64) * N_Q
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    in_q = offs_m[:, None] < N_Q
-    in_d = offs_d[None, :] < HEAD_DIM  # BLOCK_D pads the head dim to a power of two
-    if HEAD_DIM < BLOCK_D:
-        in_q = in_q & in_d
-    # Rows past Tq load zeros and compute harmless values that are never stored.
-    q = tl.load(_tile(Q, offs_m, stride_qm, offs_d, stride_qd), mask=in_q, other=0.0)  # (BLOCK_M, BLOCK_D)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (base-2 units)
-    l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(score - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running unnormalized output
-    dropout_rows = None
-    if DROPOUT:  # the mask's hash of (seed, batch, head, query), continued per key in the loop
-        dropout_rows = dropout_row_bits(dropout_seed, off_b, off_h, offs_m)
-
-    if WINDOW:
-        # First the key blocks every row sees, unmasked; then in one loop the masked ones at the
-        # window's far edge and at the diagonal or the end of the keys (a third loop spilled
-        # registers). Blocks before the first and after the last are skipped.
-        lo, full_lo, full_hi, hi = _window_key_ranges(start_m, N_Q, N_K, window, BLOCK_M, BLOCK_N, CAUSAL)
-        diag = N_K - N_Q
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                                        offs_m, offs_d, in_d, full_lo, full_hi, None, None, N_K, diag, qk_scale,
-                                        softcap_scale, window, dropout_rows, dropout_threshold,
-                                        BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D, False,
-                                        FP32_DOT)
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                                        offs_m, offs_d, in_d, lo, full_lo, full_hi, hi, N_K, diag, qk_scale,
-                                        softcap_scale, window, dropout_rows, dropout_threshold,
-                                        BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D, True,
-                                        FP32_DOT)
+    # The variants change how tiles are read and handed out, never what a tile computes:
+    #   TMA         Q, K, V and Out through tensor descriptors (Hopper's TMA engine), not pointers;
+    #   PERSISTENT  grid (programs,): each program loops over tiles, in _persistent_tile's order.
+    if TMA:  # (batch_heads is passed with TMA: the descriptors' batch bound)
+        batch = batch_heads // H
+        Q = _descriptor(Q, batch, H, N_Q, stride_qb, stride_qh, stride_qm, HEAD_DIM, BLOCK_M, BLOCK_D)
+        K = _descriptor(K, batch, H // GROUP, N_K, stride_kb, stride_kh, stride_kn, HEAD_DIM, BLOCK_N, BLOCK_D)
+        V = _descriptor(V, batch, H // GROUP, N_K, stride_vb, stride_vh, stride_vn, HEAD_DIM, BLOCK_N, BLOCK_D)
+        Out = _descriptor(Out, batch, H, N_Q, stride_ob, stride_oh, stride_om, HEAD_DIM, BLOCK_M, BLOCK_D)
+    if PERSISTENT:
+        # grid: (programs,), at most one per SM; tiles: cdiv(Tq, BLOCK_M) x B * H (max_seqlen_q and
+        # sequences * H with VARLEN), heaviest first
+        # (disable_licm: nothing hoisted out of this loop stays live across every tile; that made
+        # the head dim 128 forward spill.)
+        blocks = tl.cdiv(N_Q, BLOCK_M)
+        for tile in tl.range(tl.program_id(0), blocks * batch_heads, tl.num_programs(0), disable_licm=True):
+            start_m, off_hb = _persistent_tile(tile, blocks, batch_heads, CAUSAL)
+            q_start, k_start, len_q, len_k = None, None, N_Q, N_K
+            if VARLEN:
+                q_start, len_q = sequence_span(Cu_seqlens_q, off_hb // H)
+                k_start, len_k = sequence_span(Cu_seqlens_k, off_hb // H)
+            if start_m * BLOCK_M < len_q:  # (a short sequence has fewer query blocks than the longest)
+                _attn_fwd_tile(start_m, off_hb, Q, K, V, Out, Lse, q_start, k_start,
+                               stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                               stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
+                               stride_lse_h, H, len_q, len_k, qk_scale, softcap_scale, window, dropout_seed,
+                               dropout_threshold, dropout_scale, HEAD_DIM, BLOCK_D, GROUP, CAUSAL, WINDOW, SOFTCAP,
+                               DROPOUT, VARLEN, FP32_DOT, BLOCK_M, BLOCK_N, TMA)
     else:
-        full_end, end = _key_ranges(start_m, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
-        diag = N_K - N_Q
-        # Phase 1: key blocks every row sees in full, no mask. Phase 2: the blocks crossing
-        # the causal diagonal or the end of the keys. Blocks after `end` are skipped.
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                                        offs_m, offs_d, in_d, 0, full_end, None, None, N_K, diag, qk_scale,
-                                        softcap_scale, window, dropout_rows, dropout_threshold,
-                                        BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D, False,
-                                        FP32_DOT)
-        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
-                                        offs_m, offs_d, in_d, full_end, end, None, None, N_K, diag, qk_scale,
-                                        softcap_scale, window, dropout_rows, dropout_threshold,
-                                        BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D, True,
-                                        FP32_DOT)
-
-    if VARLEN or WINDOW:
-        # Rows that saw no key (l = 0): those of a sequence without keys, which are 0 with lse -inf,
-        # and padding rows past Tq whose window ends past the keys (never stored).
-        l_i = tl.where(l_i == 0.0, 1.0, l_i)
-    acc = acc / l_i[:, None]
-    if DROPOUT:  # the survivors, scaled by 1 / (1 - p)
-        acc = acc * dropout_scale
-    # Base-2 LSE, kept in the units the backward uses: converting to natural log and back
-    # would add two roundings, and at large logits each costs accuracy in the gradients.
-    lse = m_i + tl.math.log2(l_i)
-    tl.store(_tile(Out, offs_m, stride_om, offs_d, stride_od), acc.to(Out.dtype.element_ty), mask=in_q)
-    tl.store(Lse + offs_m, lse, mask=offs_m < N_Q)
+        # grid: (cdiv(Tq, BLOCK_M), B * H), or (cdiv(max_seqlen_q, BLOCK_M), sequences * H) with VARLEN
+        start_m = tl.program_id(0)
+        off_hb = tl.program_id(1)
+        if SPLIT_GRID:
+            off_hb = split_grid_batch_head(off_hb)
+            if off_hb >= batch_heads:
+                return
+        q_start, k_start = None, None
+        if VARLEN:  # this program's sequence: where its rows start, and its lengths
+            q_start, N_Q = sequence_span(Cu_seqlens_q, (off_hb // H).to(tl.int64))
+            k_start, N_K = sequence_span(Cu_seqlens_k, (off_hb // H).to(tl.int64))
+            if start_m * BLOCK_M >= N_Q:
+                return
+        _attn_fwd_tile(start_m, off_hb, Q, K, V, Out, Lse, q_start, k_start,
+                       stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                       stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
+                       stride_lse_h, H, N_Q, N_K, qk_scale, softcap_scale, window, dropout_seed, dropout_threshold,
+                       dropout_scale, HEAD_DIM, BLOCK_D, GROUP, CAUSAL, WINDOW, SOFTCAP, DROPOUT, VARLEN, FP32_DOT,
+                       BLOCK_M, BLOCK_N, TMA)
 
 
 # ---------------------------------------------------------------------------------------
@@ -768,10 +889,53 @@ def _lse_row(q: torch.Tensor, packing: Packing | None):
 
 def _run_fwd(q, k, v, out, lse, options: Options, packing: Packing | None, launch: _Launch):
     packed = packing is not None
+    if launch.meta["TMA"]:
+        if not all(map(_descriptor_accepts, (q, k, v, out))):  # the rule of LaunchConfig.tma: else pointers
+            launch = launch._replace(meta={**launch.meta, "TMA": False})
+        elif q.is_cuda:
+            _ensure_allocator()
     _attn_fwd[launch.grid](q, k, v, out, lse, *_cu_seqlens(packing),
                            *strides(q, packed), *strides(k, packed), *strides(v, packed), *strides(out, packed),
                            _lse_row(q, packing), q.shape[1], *lengths(q, k, packing),
                            **arguments(options), **launch.meta)
+
+
+# The variant fields of LaunchConfig each kernel implements; the others refuse them (_Plan._launch).
+_KERNEL_VARIANTS = {"fwd": triton_configs.FORWARD_VARIANTS}
+# Without a GPU, the persistent forward's programs: fewer than the tests' tiles, so that the loop runs.
+INTERPRETER_PROGRAMS = 3
+
+
+def _programs_per_device(device: torch.device) -> int:
+    """How many programs a persistent kernel launches: one per streaming multiprocessor."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_PROGRAMS
+
+
+def _descriptor_accepts(t: torch.Tensor) -> bool:
+    """Whether a (B, H, T, D) tensor can be read through a TMA descriptor: head-dim stride 1, the
+    other strides positive (not broadcast) and, like the start, 16-byte aligned (a contiguous tensor,
+    or views of a fused QKV projection, with head dims that are multiples of 8 in 16-bit). Others
+    take the pointer path."""
+    size = t.element_size()
+    aligned = all(s > 0 and s * size % 16 == 0 for s in t.stride()[:-1])
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and aligned
+
+
+def _ensure_allocator() -> None:
+    """Device-side tensor descriptors need a little global memory per program, which Triton asks
+    triton.set_allocator's allocator for at launch. If none is set in this thread (the setting is
+    a context variable), set one that takes it from PyTorch's caching allocator; an allocator the
+    user set is kept."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_torch_allocator)
+
+
+def _torch_allocator(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def _run_preprocess(out, do, delta, packing: Packing | None, launch: _Launch):
@@ -919,16 +1083,32 @@ class _Plan:
         )
 
     def _launch(self, kernel: str, cfg: LaunchConfig) -> _Launch:
+        for name in cfg.variants:
+            if name in triton_configs.UNAVAILABLE_VARIANTS:
+                raise ValueError(f"LaunchConfig.{name} is not available: {triton_configs.UNAVAILABLE_VARIANTS[name]}; "
+                                 "set it False")
+        unsupported = [name for name in cfg.variants if name not in _KERNEL_VARIANTS.get(kernel, ())]
+        if unsupported:
+            raise ValueError(f"LaunchConfig.{'/'.join(unsupported)} is not implemented by the {kernel!r} kernel "
+                             f"(only {', '.join(f'{k}: {v}' for k, v in _KERNEL_VARIANTS.items())}); set it False")
         # fwd and dq: one program per query block and query head; dkdv: per key block and kv head.
         heads = self.kv_heads if kernel == "dkdv" else self.heads
         blocks = triton.cdiv(self.kv_len, cfg.block_n) if kernel == "dkdv" else triton.cdiv(self.q_len, cfg.block_m)
         batch_heads, split_grid = batch_head_grid(self.batch * heads)
+        if cfg.persistent:  # one program per SM (fewer if there are fewer tiles), batch x heads in the loop
+            batch_heads, split_grid = (), False
+            blocks = max(1, min(_programs_per_device(self.device), blocks * self.batch * heads))
         causal, window, softcap, dropout = self.variant
         meta = dict(HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, GROUP=self.heads // max(self.kv_heads, 1),
                     CAUSAL=causal, WINDOW=window, SOFTCAP=softcap, DROPOUT=dropout, VARLEN=self.packed,
                     SPLIT_GRID=split_grid, FP32_DOT=fp32_dot(self.dtype),
                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                    batch_heads=self.batch * heads if split_grid else None)
+                    batch_heads=self.batch * heads if split_grid or cfg.persistent or cfg.tma else None)
+        if kernel == "fwd":
+            # Packed sequences end inside the tensors, where a descriptor's bounds cannot stop, and
+            # float32's small tiles of full-precision products, which spill with descriptors: pointers.
+            tma = cfg.tma and not self.packed and self.dtype != torch.float32
+            meta.update(TMA=tma, PERSISTENT=cfg.persistent)
         return _Launch((blocks, *batch_heads), meta)
 
     def _table_config(self, kernel: str) -> tuple[str, LaunchConfig]:

@@ -61,10 +61,63 @@ ANY = None
 
 
 class LaunchConfig(NamedTuple):
+    """How one kernel launches: its tiles, warps and pipeline depth, and which variant of it runs.
+
+    The variant fields select variants of the same kernel source (constexpr switches), all off by
+    default, so LaunchConfig(block_m, block_n, num_warps, num_stages) is today's kernel. They are
+    the forward's ("fwd"); any other kernel refuses them (kernels/triton_attention.py):
+      tma              load Q, K, V and store O through tensor descriptors (TMA, sm_90 and later)
+                       instead of pointers, for 16-bit inputs a descriptor can read (the others,
+                       and packed sequences, run the pointer path)
+      persistent       one program per SM, each looping over (query block, batch x head) tiles,
+                       causal ones heaviest first
+      warp_specialize  the key loops split into producer and consumer warps by Triton: refused by
+                       every kernel (UNAVAILABLE_VARIANTS says why)
+    """
+
     block_m: int  # query rows per tile
     block_n: int  # key rows per tile
     num_warps: int
     num_stages: int  # software-pipelining depth of the streamed loads
+    tma: bool = False
+    persistent: bool = False
+    warp_specialize: bool = False
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The names of the variant fields that are on, e.g. ("tma", "persistent")."""
+        return tuple(name for name in VARIANT_FIELDS if getattr(self, name))
+
+    def label(self) -> str:
+        """(block_m, block_n, num_warps, num_stages), and the variants that are on: "(128, 64, 8, 3) tma"."""
+        return " ".join((str(tuple(self[:4])), "+".join(self.variants))).strip()
+
+
+VARIANT_FIELDS = LaunchConfig._fields[4:]  # the fields after num_stages: which variant of a kernel runs
+FORWARD_VARIANTS = ("tma", "persistent")  # the variant fields the forward implements
+# Variant fields no kernel implements, and why: the launch code refuses them with this reason.
+UNAVAILABLE_VARIANTS = {
+    "warp_specialize": "Triton's warp-specialization pass cannot compile the forward's key loops for sm_90 "
+    "(Triton 3.9, 4 warps: an assertion aborts the process with pointer loads, a verifier error with tensor "
+    "descriptors; 8 warps: the loops are left unspecialized)",
+}
+
+
+# The 16-bit sm90 forward's own candidates per head dim, tried first (FlashAttention-3's and
+# tritonbench's Hopper tiles: 128 x 128 on 8 warps at head dim 128; BLOCK_M 128 or 256 at 64).
+# Compiled for sm_90 as a launch specializes them (kernels.compile_check's rules, causal and not),
+# none spills and all fit: d128 (128, 128, 8, 2) 255 registers, 160 KiB; d64 (128, 128, 8, 2)
+# and (128, 128, 8, 3) up to 222 registers, 80 and 112 KiB; (256, 64, 8, 3) 236, 80 KiB.
+HOPPER_FORWARD_CANDIDATES = {
+    64: (LaunchConfig(128, 128, 8, 2), LaunchConfig(128, 128, 8, 3), LaunchConfig(256, 64, 8, 3)),
+    128: (LaunchConfig(128, 128, 8, 2),),
+}
+# Never tried, because they spill there (compiled the same way): d128 (128, 128, 8, 3) 12 bytes per
+# thread, d64 (256, 128, 8, 2 or 3) 4 bytes.
+HOPPER_FORWARD_SPILLS = {
+    64: (LaunchConfig(256, 128, 8, 2), LaunchConfig(256, 128, 8, 3)),
+    128: (LaunchConfig(128, 128, 8, 3),),
+}
 
 
 # Under Triton's CPU interpreter: small fixed configs, so tests stay fast. Query and key
@@ -238,6 +291,11 @@ def candidates(
     variants = [LaunchConfig(m, n, w, s) for m in block_ms for n in block_ns for w in (4, 8) for s in (2, 3, 4)]
     if arch == "sm90":  # the tutorial's rule: on Hopper 8 warps only pay off on 128x128 tiles and up
         variants = [c for c in variants if c.num_warps == 4 or c.block_m * c.block_n >= 128 * 128]
+        if kernel == "fwd" and dtype_class == "16-bit":
+            variants = list(dict.fromkeys([*HOPPER_FORWARD_CANDIDATES.get(head_dim, ()), *variants]))
+            variants = [c for c in variants if c not in HOPPER_FORWARD_SPILLS.get(head_dim, ())]
+    if kernel == "fwd" and causal:  # a query block narrower than its key blocks masks most of each diagonal one
+        variants = [c for c in variants if c.block_m >= c.block_n]
     first = table_config(arch, kernel, dtype_class, causal, length, head_dim)
     fitting = [c for c in variants if c != first and not problems(kernel, c, head_dim, dtype_class, arch)]
     return [first, *fitting]
@@ -296,5 +354,13 @@ class TunedConfigs:
         winners = {**self._read(), **self._winners}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps({key: list(cfg) for key, cfg in sorted(winners.items())}, indent=1))
+        temporary.write_text(json.dumps({key: _fields(cfg) for key, cfg in sorted(winners.items())}, indent=1))
         os.replace(temporary, self.path)
+
+
+def _fields(cfg: LaunchConfig) -> list:
+    """cfg as a list without its trailing default variant fields: [128, 64, 4, 3] for today's kernel."""
+    fields = list(cfg)
+    while len(fields) > 4 and fields[-1] == LaunchConfig._field_defaults[LaunchConfig._fields[len(fields) - 1]]:
+        fields.pop()
+    return fields

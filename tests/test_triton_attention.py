@@ -694,3 +694,208 @@ def test_cuda_every_autotune_candidate(head_dim, causal, q_len, kv_len):
     for i in range(max(len(fwd), len(dkdv), len(dq))):
         configs = fwd[i % len(fwd)], dkdv[i % len(dkdv)], dq[i % len(dq)]
         check_against_reference(q, k, v, causal=causal, triton_fn=with_configs(*configs, causal, head_dim**-0.5))
+
+
+# ---------------------------------------------------------------------------------------
+# The forward's variants (LaunchConfig.tma, .persistent): the same attention, every feature
+# ---------------------------------------------------------------------------------------
+
+# The interpreter's forward tiles with each variant on (its dK/dV and dQ configs unchanged).
+FORWARD_VARIANTS = {
+    "tma": triton_configs.INTERPRETER_CONFIGS["fwd"]._replace(tma=True),
+    "persistent": triton_configs.INTERPRETER_CONFIGS["fwd"]._replace(persistent=True),
+    "tma-persistent": LaunchConfig(16, 32, 4, 1, tma=True, persistent=True),  # BLOCK_M < BLOCK_N too
+}
+
+
+class RecordedLaunches:
+    """Stands in for a JIT kernel and keeps the keyword arguments (constexprs included) of its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append({"grid": grid, **kwargs})
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.fixture
+def forward_launches(monkeypatch):
+    recorded = RecordedLaunches(triton_attention._attn_fwd)
+    monkeypatch.setattr(triton_attention, "_attn_fwd", recorded)
+    return recorded.launches
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", FORWARD_VARIANTS)
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(q_len=70, kv_len=70, causal=True, layout="fused_qkv", dtype=torch.bfloat16),
+        dict(q_len=37, kv_len=53, causal=True, head_dim=24, kv_heads=1, window=20, softcap=4.0, dropout_p=0.2),
+        dict(q_len=53, kv_len=37, causal=False, kv_heads=2, softcap=3.0, dtype=torch.float32),
+    ],
+    ids=["causal-fused-bf16", "mqa-window-softcap-dropout-d24-fp16", "full-gqa-fp32"],
+)
+def test_forward_variants_against_float64(device, variant, case, forward_launches):
+    """Each variant of the forward, through the interpreter (which runs tensor descriptors): plain
+    causal on fused-QKV views, and with every feature on, a padded head dim (the descriptors' bounds
+    zero the padding), more keys than queries and fewer. 2 x 4 heads in 16-32-row blocks: more
+    tiles than the persistent grid's INTERPRETER_PROGRAMS, so its loop takes several each. float32
+    takes the pointer path (its tiles spill with descriptors), 16-bit inputs the descriptors."""
+    case = dict(case)
+    shape = dict(q_len=case.pop("q_len"), kv_len=case.pop("kv_len"), head_dim=case.pop("head_dim", 16))
+    layout, dtype, kv_heads = (
+        case.pop("layout", "contiguous"),
+        case.pop("dtype", torch.float16),
+        case.pop("kv_heads", 4),
+    )
+    causal = case.pop("causal")
+    q, k, v = make_qkv(2, 4, *shape.values(), kv_heads=kv_heads, dtype=dtype, device=device, layout=layout)
+    cfg = FORWARD_VARIANTS[variant]
+    default = triton_configs.INTERPRETER_CONFIGS
+    options = dict(case, dropout_seed=7) if "dropout_p" in case else case
+    triton_fn = with_configs(cfg, default["dkdv"], default["dq"], causal, q.shape[-1] ** -0.5, **options)
+    check_against_reference(q, k, v, causal=causal, triton_fn=triton_fn, **options)
+    (launch,) = forward_launches
+    assert launch["TMA"] == (cfg.tma and dtype != torch.float32)  # the descriptors, not a silent fallback
+    assert launch["PERSISTENT"] == cfg.persistent
+    if cfg.persistent:
+        assert launch["grid"] == (triton_attention.INTERPRETER_PROGRAMS,)
+        assert triton_attention.INTERPRETER_PROGRAMS < 8 * triton.cdiv(shape["q_len"], cfg.block_m)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tma_reads_nothing_past_the_tensors_bounds(device, forward_launches):
+    """The descriptors are bounded by Tq, Tk and the head dim, not by the memory behind them: keys
+    and values that are views of longer, NaN-filled buffers give the same bits as clean copies."""
+    q, k, v = make_qkv(1, 2, 45, 45, 24, dtype=torch.bfloat16, device=device)
+    poisoned = [torch.full((1, 2, 64, 32), float("nan"), dtype=torch.bfloat16, device=device) for _ in "kv"]
+    for buffer, clean in zip(poisoned, (k, v)):
+        buffer[:, :, :45, :24] = clean
+    k_view, v_view = (buffer[:, :, :45, :24] for buffer in poisoned)  # row stride 32: 64 bytes, aligned
+    cfg = FORWARD_VARIANTS["tma"]
+    options = Options(True, 0.2)
+    plan = dataclasses.replace(triton_attention._plan_for(q, k, v, options), configs={"fwd": cfg})
+    clean, _ = triton_attention._forward(q, k, v, options, None, plan)
+    viewed, _ = triton_attention._forward(q, k_view, v_view, options, None, plan)
+    assert [launch["TMA"] for launch in forward_launches] == [True, True]
+    assert torch.equal(clean, viewed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tma_takes_the_pointer_path_where_a_descriptor_cannot_read(device, forward_launches):
+    """The documented rule: a head-dim stride other than 1, or a stride or start that is not a
+    multiple of 16 bytes, runs the same tiles through pointers; packed sequences and float32 always do."""
+    cfg = FORWARD_VARIANTS["tma"]
+    default = triton_configs.INTERPRETER_CONFIGS
+    q, k, v = make_qkv(1, 2, 40, 40, 16, dtype=torch.bfloat16, device=device, layout="d_strided")
+    check_against_reference(
+        q, k, v, causal=True, triton_fn=with_configs(cfg, default["dkdv"], default["dq"], True, 0.25)
+    )
+    odd = torch.randn(1, 2, 40, 17, device=device).bfloat16()[..., :16]  # row stride 17 elements: 34 bytes
+    assert not triton_attention._descriptor_accepts(odd) and triton_attention._descriptor_accepts(q.contiguous())
+    assert not triton_attention._descriptor_accepts(q.contiguous()[:, :1].expand(1, 2, 40, 16))  # broadcast heads
+    check_against_reference(
+        odd, k, v, causal=True, triton_fn=with_configs(cfg, default["dkdv"], default["dq"], True, 0.25)
+    )
+    fp32 = [t.float() for t in (q.contiguous(), k, v)]  # aligned, but float32
+    assert triton_attention._descriptor_accepts(fp32[0])
+    check_against_reference(*fp32, causal=True, triton_fn=with_configs(cfg, default["dkdv"], default["dq"], True, 0.25))
+    assert [launch["TMA"] for launch in forward_launches] == [False, False, False]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", ["tma", "tma-persistent"])
+def test_forward_variants_on_packed_sequences(device, variant, forward_launches):
+    """Packed sequences: the persistent grid's tiles past a short sequence's end are skipped; TMA
+    falls back to pointers (a descriptor cannot stop at a sequence's end)."""
+    q, k, v, cu_q, cu_k, max_q, max_k = make_varlen(
+        [0, 1, 17, 40, 5], [3, 1, 20, 40, 70], 4, 16, kv_heads=2, dtype=torch.float16, device=device
+    )
+    options = Options(True, 0.25, window=12, softcap=4.0)
+    packing = triton_common.Packing(cu_q, cu_k, max_q, max_k)
+    plan = triton_attention._plan_for(q, k, v, options, packing)
+    plan = dataclasses.replace(plan, configs={"fwd": FORWARD_VARIANTS[variant]})
+    out, _ = triton_attention._forward(q, k, v, options, packing, plan)
+    exact = reference.varlen_attention(
+        q.double(), k.double(), v.double(), cu_q, cu_k, max_q, max_k, causal=True, scale=0.25, window=12, softcap=4.0
+    )
+    baseline = reference.varlen_attention(
+        q, k, v, cu_q, cu_k, max_q, max_k, causal=True, scale=0.25, window=12, softcap=4.0, upcast=False
+    )
+    assert_close_to_reference("out", out, exact, baseline)
+    (launch,) = forward_launches
+    assert launch["TMA"] is False and launch["PERSISTENT"] == FORWARD_VARIANTS[variant].persistent
+
+
+@triton.jit
+def _schedule(Start, Head, blocks, batch_heads, TILES: tl.constexpr, CAUSAL: tl.constexpr):
+    for tile in range(TILES):
+        start_m, off_hb = triton_attention._persistent_tile(tile, blocks, batch_heads, CAUSAL)
+        tl.store(Start + tile, start_m)
+        tl.store(Head + tile, off_hb)
+
+
+@interpreter_only
+@pytest.mark.parametrize("causal", [True, False])
+def test_persistent_schedule_runs_every_tile_once_heaviest_first(causal):
+    """5 query blocks x 3 heads: every (block, head) exactly once; with CAUSAL the last query
+    blocks (the most keys) first; each round of heads in the other direction than the last."""
+    start, head = torch.empty(15, dtype=torch.int32), torch.empty(15, dtype=torch.int32)
+    _schedule[(1,)](start, head, 5, 3, TILES=15, CAUSAL=causal)
+    assert sorted(zip(start.tolist(), head.tolist())) == [(m, h) for m in range(5) for h in range(3)]
+    expected_blocks = [4, 4, 4, 3, 3, 3, 2, 2, 2, 1, 1, 1, 0, 0, 0] if causal else sorted([0, 1, 2, 3, 4] * 3)
+    assert start.tolist() == expected_blocks
+    assert head.tolist() == [0, 1, 2, 2, 1, 0] * 2 + [0, 1, 2]
+
+
+def test_variants_a_kernel_does_not_have_are_refused():
+    q, k, v = make_qkv(1, 1, 20, 20, 16)
+    plan = triton_attention._plan_for(q, k, v, Options(True, 0.25))
+    plain = triton_configs.INTERPRETER_CONFIGS["dkdv"]
+    with pytest.raises(ValueError, match=r"LaunchConfig.tma/persistent is not implemented by the 'dkdv' kernel"):
+        plan._launch("dkdv", plain._replace(tma=True, persistent=True))
+    with pytest.raises(ValueError, match=r"LaunchConfig.warp_specialize is not available: Triton's warp-spec"):
+        plan._launch("fwd", triton_configs.INTERPRETER_CONFIGS["fwd"]._replace(warp_specialize=True))
+
+
+def test_the_tma_allocator_is_set_once_and_never_replaces_the_users():
+    """Device-side descriptors need Triton's allocator: set when none is, left alone when the user set one."""
+    import contextvars
+
+    from triton.runtime import _allocation
+
+    def in_fresh_context(user_allocator):
+        if user_allocator is not None:
+            triton.set_allocator(user_allocator)
+        triton_attention._ensure_allocator()
+        return _allocation._allocator.get()
+
+    assert contextvars.Context().run(in_fresh_context, None) is triton_attention._torch_allocator
+    mine = lambda size, alignment, stream: None  # noqa: E731
+    assert contextvars.Context().run(in_fresh_context, mine) is mine
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", ["tma-persistent"])
+def test_forward_variants_eager_and_compiled_agree_exactly(device, variant, monkeypatch):
+    """With a variant as the forward's config, the eager and the torch.compile path give the same bits."""
+    monkeypatch.setitem(triton_configs.INTERPRETER_CONFIGS, "fwd", FORWARD_VARIANTS[variant])
+    monkeypatch.setattr(triton_attention, "_PLANS", {})
+    torch._dynamo.reset()
+    q, k, v = make_qkv(1, 2, 33, 40, 16, kv_heads=1, dtype=torch.bfloat16, device=device)
+    do = torch.randn(q.shape).to(q.dtype).to(device)
+
+    def attend(q, k, v):
+        return kernels.attention(q, k, v, causal=True, backend="triton", window=9, softcap=3.0)
+
+    eager = attention_and_grads(attend, q, k, v, do)
+    compiled = attention_and_grads(torch.compile(attend, fullgraph=True, backend="inductor"), q, k, v, do)
+    launch = triton_attention._plan_for(q, k, v, Options(True, 0.25, 9, 3.0)).forward
+    assert launch.meta["PERSISTENT"] and launch.meta["TMA"]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), eager, compiled):
+        assert torch.equal(a, b), f"{name} differs between the eager and the compiled path"

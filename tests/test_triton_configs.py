@@ -395,3 +395,86 @@ def test_compile_check_fails_rows_that_spill_or_do_not_fit():
     assert failed[0].startswith("sm90 fwd 16-bit True any 128 (128, 64, 4, 3): spills ")
     assert failed[1].startswith("sm90 decode 16-bit any any 256 (16, 128, 4, 6): ")
     assert "KiB shared memory, sm90 has 227 KiB" in failed[1]
+
+
+# The forward's variants, compiled for sm_90: a one-row table (head dim 32, causal, "short"), with
+# --hopper-variants. Then again with the launch code's descriptor rule broken so that every input
+# takes the pointer path: the TMA rows lose cp.async.bulk.tensor, and the check must fail on them.
+HOPPER_VARIANTS_CODE = """
+import sys
+from kernels import compile_check as cc, triton_attention, triton_configs as tc
+from kernels.triton_configs import LaunchConfig
+tc.TABLE['sm90'] = {('fwd', '16-bit', True, 'short'): {32: LaunchConfig(64, 32, 4, 2)}}
+print('exit', cc.main(['--arch', 'sm90', '--jobs', '2', '--hopper-variants']))
+triton_attention._descriptor_accepts = lambda t: False
+print('exit', cc.main(['--arch', 'sm90', '--jobs', '2', '--hopper-variants']))
+"""
+
+
+def test_compile_check_compiles_the_forward_variants_and_fails_one_that_lost_tma():
+    result = run_compiled_mode(HOPPER_VARIANTS_CODE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = result.stdout.split("exit 0\n")
+    assert second.rstrip().endswith("exit 1"), result.stdout
+    columns = compile_check_columns(first)
+    assert set(columns) == {
+        "(64, 32, 4, 2)",
+        "(64, 32, 4, 2) tma",
+        "(64, 32, 4, 2) persistent",
+        "(64, 32, 4, 2) tma+persistent",
+    }, first
+    for label, found in columns.items():
+        assert found["wgmma"] > 0 and found["spill"] == 0 and found["result"] == "ok", (label, found)
+        if "tma" in label:  # descriptors: bulk tensor copies instead of cp.async
+            assert found["tma"] > 0 and found["cp.async"] == 0, (label, found)
+        else:
+            assert found["tma"] == 0 and found["cp.async"] > 0, (label, found)
+    assert "warp_specialize: not compiled, refused by the launch code" in first
+    failed = second.split("row(s) failed:")[-1].strip().splitlines()[:-1]
+    assert sorted(line.split(": ")[0] for line in failed) == [
+        "sm90 fwd 16-bit True short 32 (64, 32, 4, 2) tma",
+        "sm90 fwd 16-bit True short 32 (64, 32, 4, 2) tma+persistent",
+    ], second
+    assert all("no tma: tma=True loads through tensor descriptors" in line for line in failed)
+
+
+def compile_check_columns(output: str) -> dict[str, dict]:
+    """{config label: its numbers and result} from compile_check's table (one program per row here)."""
+    found = {}
+    for line in output.splitlines():
+        if not line.startswith("sm90 "):
+            continue
+        label = line[line.index("(") : line.index("all ")].strip()
+        *numbers, result = line[line.index("all ") + 4 :].split(None, 7)
+        names = ("regs", "spill", "smem", "wgmma", "mma", "cp.async", "tma")
+        found[label] = {**{n: float(x) for n, x in zip(names, numbers)}, "result": result.strip()}
+    return found
+
+
+def test_hopper_forward_candidates_fit_and_causal_ones_are_pruned():
+    """The sm90 forward tries its per-head-dim tiles first, never one compile_check saw spill,
+    and for causal calls never a BLOCK_M narrower than BLOCK_N."""
+    for head_dim, extra in triton_configs.HOPPER_FORWARD_CANDIDATES.items():
+        for causal in (True, False):
+            found = triton_configs.candidates("sm90", "fwd", "16-bit", causal, "long", head_dim)
+            assert [c for c in found if c in extra] == list(extra)
+            assert found[1 : 1 + len(extra)] == list(extra)  # right after the table's own
+            assert not set(found) & set(triton_configs.HOPPER_FORWARD_SPILLS.get(head_dim, ()))
+            assert all(c.block_m >= c.block_n for c in found) or not causal
+    full = triton_configs.candidates("sm90", "fwd", "16-bit", False, "long", 64)
+    assert any(c.block_m < c.block_n for c in full)  # the pruning is causal's only
+    assert LaunchConfig(128, 128, 8, 3) in triton_configs.candidates("sm90", "fwd", "16-bit", True, "long", 64)
+
+
+def test_variant_fields_default_off_and_round_trip_through_the_tuning_file(tmp_path):
+    plain = LaunchConfig(128, 64, 4, 3)
+    assert plain.variants == () and plain.label() == "(128, 64, 4, 3)"
+    variant = plain._replace(tma=True, persistent=True)
+    assert variant.variants == ("tma", "persistent") and variant.label() == "(128, 64, 4, 3) tma+persistent"
+    path = tmp_path / "gpu.json"
+    TunedConfigs(path).winner("plain", [plain], run=None)
+    TunedConfigs(path).winner("variant", [variant], run=None)
+    stored = json.loads(path.read_text())
+    assert stored["plain"] == [128, 64, 4, 3] and stored["variant"][:6] == [128, 64, 4, 3, True, True]
+    fresh = TunedConfigs(path)
+    assert fresh.winner("plain", [], run=None) == plain and fresh.winner("variant", [], run=None) == variant
