@@ -310,6 +310,27 @@ def test_attention_dropout_reaches_the_kernel_only_in_training(monkeypatch, padd
     assert not torch.allclose(first[real], evaluated[real])
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_attention_dropout_on_triton_drops_what_reference_drops(monkeypatch, padded):
+    """The same seeds give the same dropout masks on every backend that has dropout (kernels/dropout.py):
+    trained with attention dropout, the triton model's logits and gradients are the reference model's."""
+    ids, mask = batch(padded)
+    results = []
+    for backend in ("reference", "triton"):
+        model = dropout_model(backend)
+        calls = KernelCalls(monkeypatch, model)
+        torch.manual_seed(1)
+        results.append(logits_and_gradients(model, ids, mask))
+        calls.assert_served_all()
+        assert [options["dropout_p"] for options in calls.options] == [0.5] * len(calls.options)
+        monkeypatch.undo()
+    (logits, grads), (expected_logits, expected_grads) = results[1], results[0]
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], expected_logits[real], **TOLERANCE)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], **TOLERANCE, msg=lambda m: f"grad of {name}: {m}")
+
+
 def test_attention_dropout_on_a_backend_without_it_is_refused():
     model = dropout_model("sdpa")
     ids, _ = batch(padded=False)

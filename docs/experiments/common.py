@@ -3,14 +3,13 @@
 Each experiment is a script, run from the repository root:
     python docs/experiments/scaling.py
 and writes docs/results/<name>.json (and .png) recording the command and the machine.
+Timing is the benchmarks' own timer (bench/core.py), so an experiment and a benchmark measure alike.
 """
 
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,7 +18,11 @@ import torch
 from gpt.data import TokenData, load_data
 from gpt.model import GPT, GPTConfig
 
-RESULTS = Path(__file__).resolve().parent.parent / "results"
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # bench/ runs from the checkout, as in the root conftest.py
+from bench.core import Timer  # noqa: E402
+
+RESULTS = ROOT / "docs" / "results"
 SHAKESPEARE_VOCAB = 2_000  # see shakespeare()
 
 
@@ -53,14 +56,10 @@ def save_figure(fig, name: str) -> Path:
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
-    """Median wall time of fn() after one warm-up call (median: robust to a busy neighbour)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    """Median wall time of fn() over `repeats` calls after one warm-up call (median: robust to a
+    busy neighbour)."""
+    timer = Timer(warmup=1, min_calls=repeats, max_calls=repeats, cpu_seconds=0)
+    return timer(fn, "cpu")["ms"] / 1e3
 
 
 def shakespeare(seq_len: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
