@@ -61,10 +61,43 @@ ANY = None
 
 
 class LaunchConfig(NamedTuple):
+    """How one kernel launches: tiles, warps, pipeline depth, and the variant fields.
+
+    A variant field (default False: today's kernel) selects another form of the same kernel
+    source through a constexpr; VARIANT_KERNELS says which kernels have it, and any other
+    kernel refuses a config that sets it (unsupported_variants).
+    """
+
     block_m: int  # query rows per tile
     block_n: int  # key rows per tile
     num_warps: int
     num_stages: int  # software-pipelining depth of the streamed loads
+    # dkdv: the single-pass backward. Each dK/dV program also adds its tiles' share of dQ into
+    # a float32 buffer with atomic adds (5 matrix products per tile pair, not 7), and the dq
+    # launch is skipped; dQ's summation order, and so its last bits, then vary run to run.
+    dq_atomic: bool = False
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The variant fields that are on, e.g. ("dq_atomic",)."""
+        return tuple(name for name in VARIANT_KERNELS if getattr(self, name))
+
+    def label(self) -> str:
+        """(block_m, block_n, num_warps, num_stages), then each variant that is on: "(32, 64, 8, 2)+dq_atomic"."""
+        return str(tuple(self[:4])) + "".join(f"+{name}" for name in self.variants)
+
+
+# The kernels that implement each variant field of LaunchConfig.
+VARIANT_KERNELS = {"dq_atomic": ("dkdv",)}
+
+
+def unsupported_variants(kernel: str, cfg: LaunchConfig) -> list[str]:
+    """Why `kernel` cannot launch with `cfg`'s variant fields (one line each); empty if it can."""
+    return [
+        f"LaunchConfig.{name}=True is a {'/'.join(VARIANT_KERNELS[name])} variant; the {kernel} kernel has none"
+        for name in cfg.variants
+        if kernel not in VARIANT_KERNELS[name]
+    ]
 
 
 # Under Triton's CPU interpreter: small fixed configs, so tests stay fast. Query and key
@@ -161,6 +194,29 @@ TABLE = {
 }
 
 
+# The single-pass backward (kernels.attention(..., deterministic=False)) launches the dK/dV
+# pass with the config the table (or the tuner) gives it and dq_atomic on, except where that
+# spills registers (`kernels.compile_check --hopper-variants`, sm_90): those configs take the
+# one here instead, found the same way. Unmeasured, like the table.
+SINGLE_PASS = {
+    # 16-bit head dim 256: 28 bytes spilled (causal); half the query rows per step
+    LaunchConfig(32, 32, 8, 2): LaunchConfig(16, 32, 8, 2, dq_atomic=True),
+    # float32 head dim 64: 28 bytes spilled (not causal); 8 warps
+    LaunchConfig(16, 32, 4, 3): LaunchConfig(16, 32, 8, 3, dq_atomic=True),
+}
+
+
+def single_pass(dkdv: LaunchConfig) -> LaunchConfig:
+    """The single-pass backward's config in place of the dK/dV config `dkdv`: SINGLE_PASS's, or
+    dkdv with dq_atomic on."""
+    return SINGLE_PASS.get(dkdv, dkdv._replace(dq_atomic=True))
+
+
+def with_variant(name: str, cfg: LaunchConfig) -> LaunchConfig:
+    """The config of a row whose config is `cfg` with variant field `name` on (dq_atomic: single_pass)."""
+    return single_pass(cfg) if name == "dq_atomic" else cfg._replace(**{name: True})
+
+
 def arch_of(capability: tuple[int, int]) -> str:
     """The TABLE architecture for a CUDA compute capability, e.g. (9, 0) -> "sm90"."""
     return {(9, 0): "sm90", (8, 0): "sm80"}.get(tuple(capability), "generic")
@@ -213,7 +269,7 @@ def problems(kernel: str, cfg: LaunchConfig, head_dim: int, dtype_class: str, ar
     Fits: estimated shared memory within the arch's limit, and per thread at most 128
     accumulator and 64 score registers (more spills; rough, `kernels.compile_check` measures).
     """
-    found = []
+    found = unsupported_variants(kernel, cfg)
     for name, size in (("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n)):
         if size < 16 or size & (size - 1):
             found.append(f"{name}={size} is not a power of two >= 16")
