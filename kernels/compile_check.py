@@ -3,6 +3,7 @@
     TRITON_INTERPRET=0 python -m kernels.compile_check              # the sm90 rows, for sm_90a
     TRITON_INTERPRET=0 python -m kernels.compile_check --arch all   # also sm80 (sm_80) and generic (sm_86)
     TRITON_INTERPRET=0 python -m kernels.compile_check --variants   # also every row with every feature on
+    TRITON_INTERPRET=0 python -m kernels.compile_check --hopper-variants  # also every sm90 row's config variants
 
 What it compiles. At launch, Triton's JIT specializes a kernel on its arguments: an integer
 argument equal to 1 becomes a constant (the head-dim stride of a contiguous or fused-QKV
@@ -24,12 +25,21 @@ the heaviest variant of the kernels, shown as "variant" in the calls column; the
 checks apply. The features are constexpr switches, so the plain calls compile the kernels
 exactly as they were before the features existed.
 
+With --hopper-variants each sm90 row is also compiled with each variant field of
+LaunchConfig that its kernel implements switched on (kernels.triton_configs.VARIANT_KERNELS:
+dq_atomic for dkdv, the single-pass backward, in the config triton_configs.single_pass gives
+it), labelled e.g. (32, 128, 8, 3)+dq_atomic, with the calls of the row it varies; the other
+kernels of those calls launch without the field.
+The variant's NEEDS apply too (dq_atomic: the float32 atomic adds, "atomic"), and with
+--variants the variant rows also compile every feature on.
+
 What it checks, for every row and every program its calls compile to:
   - registers and spilled bytes per thread (the `ptxas -v` log of Triton's own cubin) and
     shared memory (the compiled kernel's metadata);
   - the instructions the row should have (NEEDS): wgmma on sm_90 and mma.sync elsewhere
     for 16-bit tensor-core tiles, asynchronous copies (cp.async) when num_stages > 1, TMA
-    (cp.async.bulk.tensor) where a variant uses tensor descriptors.
+    (cp.async.bulk.tensor) where a variant uses tensor descriptors, float32 atomic adds
+    (red/atom.global...add.f32) where dq_atomic adds dQ with them.
 It exits 1 with one line per failing row when a row spills more than SPILL_LIMIT, needs
 more shared memory than its architecture has (SHARED_MEMORY), lacks an instruction NEEDS
 asks for, or does not compile.
@@ -43,7 +53,6 @@ uses are named in _require_triton_jit).
 """
 
 import argparse
-import collections
 import contextlib
 import dataclasses
 import importlib
@@ -67,7 +76,18 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from kernels import triton_attention, triton_decode  # noqa: E402
 from kernels.triton_common import Options  # noqa: E402
-from kernels.triton_configs import ANY, ARCHS, LENGTH_CLASSES, SHARED_MEMORY, TABLE, LaunchConfig, table_config  # noqa: E402
+from kernels.triton_configs import (  # noqa: E402
+    ANY,
+    ARCHS,
+    LENGTH_CLASSES,
+    SHARED_MEMORY,
+    TABLE,
+    VARIANT_KERNELS,
+    LaunchConfig,
+    table_config,
+    with_variant,
+)
+from kernels.triton_configs import KERNELS as TABLE_KERNELS  # noqa: E402
 
 # The GPU each table architecture is compiled for (warp size 32, as CUDA drivers report it).
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32), "generic": GPUTarget("cuda", 86, 32)}
@@ -90,6 +110,8 @@ FEATURES = {
     "mma": r"\bmma\.sync\.aligned\b",  # Ampere's warp matrix multiply
     "cp.async": r"\bcp\.async\.c[ag]\.shared\.global\b",  # asynchronous copies: pipelined pointer loads
     "tma": r"\bcp\.async\.bulk\.tensor\b",  # tensor-descriptor (TMA) loads
+    # float32 atomic adds to global memory: red (result unused, e.g. red.global.gpu.relaxed.add.v4.f32) or atom
+    "atomic": r"\b(?:red|atom)\.global(?:\.\w+)*\.add(?:\.\w+)*\.f32\b",
 }
 
 
@@ -132,6 +154,8 @@ NEEDS = (
     Needs(("mma",), "16-bit tiles use mma.sync", archs=("sm80", "generic")),
     Needs(("cp.async", "tma"), "num_stages > 1 pipelines the loads into asynchronous copies",
           dtype_classes=("16-bit", "float32"), when=lambda kernel, cfg: cfg.num_stages > 1),
+    Needs(("atomic",), "dq_atomic adds dQ into float32 memory with atomic reductions", kernels=("dkdv",),
+          dtype_classes=("16-bit", "float32"), when=lambda kernel, cfg: cfg.dq_atomic),
 )  # fmt: skip
 
 
@@ -190,9 +214,14 @@ def inputs(call: Call, dtype: torch.dtype, head_dim: int) -> SimpleNamespace:
 
 
 def _plan(x: SimpleNamespace, cfg: LaunchConfig):
-    """The launch code's plan for these inputs, with cfg for every kernel it launches."""
+    """The launch code's plan for these inputs, with cfg for every kernel it launches (its
+    variant fields only for the kernels that have them: VARIANT_KERNELS)."""
     plan = triton_attention._plan_for(x.q, x.k, x.v, x.options)
-    return dataclasses.replace(plan, configs=collections.defaultdict(lambda: cfg))
+    configs = {
+        kernel: cfg._replace(**{name: False for name in cfg.variants if kernel not in VARIANT_KERNELS[name]})
+        for kernel in TABLE_KERNELS
+    }
+    return dataclasses.replace(plan, configs=configs)
 
 
 def _run_forward(x: SimpleNamespace, cfg: LaunchConfig) -> None:
@@ -387,7 +416,11 @@ class Row:
     length: str | None
     head_dim: int
     cfg: LaunchConfig
+    table_cfg: LaunchConfig | None = None  # a --hopper-variants row: the table row's config it varies
     programs: dict[Launch, list[Call]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        self.table_cfg = self.table_cfg or self.cfg
 
     def calls(self, variants: bool = False) -> list[Call]:
         """The calls a GPU of this arch sends to this row's config (the most specific row wins);
@@ -398,7 +431,7 @@ class Row:
             if self.causal in (ANY, causal)
             for length in KERNELS[self.kernel].lengths
             if self.length in (ANY, length)
-            and table_config(self.arch, self.kernel, self.dtype_class, causal, length, self.head_dim) == self.cfg
+            and table_config(self.arch, self.kernel, self.dtype_class, causal, length, self.head_dim) == self.table_cfg
             for layout in LAYOUTS
         ]
         if not variants:
@@ -410,17 +443,23 @@ class Row:
         show = lambda value: "any" if value is None else str(value)  # noqa: E731
         return (
             f"{self.arch:8} {self.kernel:6} {self.dtype_class:8} {show(self.causal):6} {show(self.length):6} "
-            f"{self.head_dim:>4} {str(tuple(self.cfg)):16}"
+            f"{self.head_dim:>4} {self.cfg.label():16}"
         )
 
 
-def table_rows(archs, variants: bool = False) -> list[Row]:
-    """Every row of the table for `archs`, with the programs its calls launch (recorded, not compiled)."""
+def table_rows(archs, variants: bool = False, hopper_variants: bool = False) -> list[Row]:
+    """Every row of the table for `archs`, with the programs its calls launch (recorded, not compiled);
+    with `hopper_variants`, each sm90 row again with each variant field of its kernel on."""
     rows = []
     for arch in archs:
         for (kernel, dtype_class, causal, length), by_head_dim in TABLE[arch].items():
             for head_dim, cfg in by_head_dim.items():
-                rows.append(record_row(Row(arch, kernel, dtype_class, causal, length, head_dim, cfg), variants))
+                configs = [cfg]
+                if hopper_variants and arch == "sm90":
+                    configs += [with_variant(name, cfg) for name, of in VARIANT_KERNELS.items() if kernel in of]
+                for config in configs:
+                    row = Row(arch, kernel, dtype_class, causal, length, head_dim, config, table_cfg=cfg)
+                    rows.append(record_row(row, variants))
     return rows
 
 
@@ -480,7 +519,7 @@ def describe(calls: list[Call], row: Row) -> str:
 
 HEADER = (
     f"{'arch':8} {'kernel':6} {'dtype':8} {'causal':6} {'length':6} {'D':>4} {'config':16} {'calls':20} "
-    f"{'regs':>4} {'spill':>5} {'smem KiB':>8} {'wgmma':>5} {'mma':>4} {'cp.async':>8} {'tma':>4}  result"
+    f"{'regs':>4} {'spill':>5} {'smem KiB':>8} {'wgmma':>5} {'mma':>4} {'cp.async':>8} {'tma':>4} {'atomic':>6}  result"
 )
 
 
@@ -490,7 +529,8 @@ def line(row: Row, calls: list[Call], result: dict, found: list[str]) -> str:
         return f"{start} {'FAILED: ' + found[0]}"
     return (
         f"{start} {result['regs']:>4} {result['spill']:>5} {result['smem'] / 1024:>8.1f} {result['wgmma']:>5} "
-        f"{result['mma']:>4} {result['cp.async']:>8} {result['tma']:>4}  {'; '.join(found) or 'ok'}"
+        f"{result['mma']:>4} {result['cp.async']:>8} {result['tma']:>4} {result['atomic']:>6}  "
+        f"{'; '.join(found) or 'ok'}"
     )
 
 
@@ -531,10 +571,16 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--variants", action="store_true", help=f"also compile every row with {'+'.join(VARIANT)} on (fused QKV)"
     )
+    parser.add_argument(
+        "--hopper-variants",
+        action="store_true",
+        help="also compile every sm90 row with each LaunchConfig variant field its kernel has "
+        f"({', '.join(VARIANT_KERNELS)})",
+    )
     args = parser.parse_args(argv)
     _require_triton_jit()
     archs = ARCHS if args.arch == "all" else (args.arch,)
-    rows = table_rows(archs, args.variants)
+    rows = table_rows(archs, args.variants, args.hopper_variants)
     spill = ", ".join(f"{dtype_class} {limit}" for dtype_class, limit in SPILL_LIMIT.items())
     programs = len({(row.arch, launch) for row in rows for launch in row.programs})
     print(f"triton {triton.__version__}; {len(rows)} rows, {programs} programs; spill limit (bytes/thread): {spill}")
