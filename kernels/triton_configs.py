@@ -322,6 +322,17 @@ def tuning_file(directory: Path, device_name: str, triton_version: str) -> Path:
     return Path(directory) / f"{re.sub(r'[^A-Za-z0-9.]+', '-', device_name)}-triton{triton_version}.json"
 
 
+def _to_json(cfg: LaunchConfig) -> list:
+    """[block_m, block_n, num_warps, num_stages] and the names of the variant fields that are on:
+    the same file, whatever order LaunchConfig declares its variant fields in."""
+    return [*cfg[:4], *cfg.variants]
+
+
+def _from_json(stored: list) -> LaunchConfig:
+    sizes, variants = stored[:4], stored[4:]
+    return LaunchConfig(*sizes, **dict.fromkeys(variants, True))
+
+
 class TunedConfigs:
     """Autotuned winners per config key, kept in memory and in a JSON file between processes."""
 
@@ -339,7 +350,7 @@ class TunedConfigs:
     def _read(self) -> dict[str, LaunchConfig]:
         try:
             stored = json.loads(self.path.read_text())
-            return {key: LaunchConfig(*cfg) for key, cfg in stored.items()}
+            return {key: _from_json(cfg) for key, cfg in stored.items()}
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, TypeError) as err:  # unreadable or from another version: tune again
@@ -352,5 +363,5 @@ class TunedConfigs:
         winners = {**self._read(), **self._winners}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps({key: list(cfg) for key, cfg in sorted(winners.items())}, indent=1))
+        temporary.write_text(json.dumps({key: _to_json(cfg) for key, cfg in sorted(winners.items())}, indent=1))
         os.replace(temporary, self.path)

@@ -172,6 +172,17 @@ def test_tuned_winner_persists_between_processes(tmp_path, monkeypatch):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
 
 
+def test_tuned_configs_store_variant_fields_by_name(tmp_path):
+    """A winner's variant fields are written by name, so a file reads back the same configs
+    whatever order LaunchConfig declares its fields in."""
+    path = tmp_path / "tuned.json"
+    single = LaunchConfig(32, 64, 8, 2, dq_atomic=True)
+    TunedConfigs(path).winner("a", [single], run=None)
+    TunedConfigs(path).winner("b", [LaunchConfig(16, 16, 4, 1)], run=None)
+    assert json.loads(path.read_text()) == {"a": [32, 64, 8, 2, "dq_atomic"], "b": [16, 16, 4, 1]}
+    assert TunedConfigs(path).winner("a", [LaunchConfig(16, 16, 4, 1)], run=None) == single
+
+
 def test_tuned_configs_merge_what_other_processes_wrote(tmp_path):
     path = tmp_path / "gpu.json"
     a, b = TunedConfigs(path), TunedConfigs(path)
