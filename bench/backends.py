@@ -16,6 +16,8 @@ A backend is a name, one line saying what it is, and how to run it on one proble
     sdpa-cudnn      sdpa pinned to cuDNN's fused attention
     flex            torch.nn.attention.flex_attention with a causal block mask, compiled
     triton          our kernel (kernels.attention(..., backend="triton"))
+    triton-dq-atomic  our kernel with the single-pass backward (LaunchConfig.dq_atomic: dQ added
+                    with atomics inside the dK/dV pass), what deterministic=False launches
 
 A variant of our kernel (the same source launched with other LaunchConfigs, kernels/triton_configs.py)
 is one more registration, and then appears in every table next to triton, sdpa, cuDNN and
@@ -161,6 +163,13 @@ def triton_variant(name: str, what: str, change: Callable, color: str = "tab:bro
     return Backend(name, what, make, ours=True, color=color)
 
 
+def _single_pass(kernel: str, config):
+    """The single-pass backward's config (what deterministic=False launches) for the dK/dV kernel."""
+    from kernels import triton_configs
+
+    return triton_configs.single_pass(config) if kernel == "dkdv" else config
+
+
 register(Backend("reference", "plain PyTorch, explicit mask", _kernels_backend("reference"), color="tab:gray"))
 register(
     Backend("sdpa", "F.scaled_dot_product_attention, default dispatch", _kernels_backend("sdpa"), color="tab:blue")
@@ -221,3 +230,4 @@ register(
         "indigo",
     )
 )
+register(triton_variant("triton-dq-atomic", "our kernel, single-pass backward: dQ by atomic adds", _single_pass))

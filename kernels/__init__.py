@@ -7,7 +7,8 @@ attention: q is (batch, q_heads, q_len, head_dim); k and v are (batch, kv_heads,
 head_dim), q_heads a multiple of kv_heads (grouped-query attention). varlen_attention takes
 sequences packed back to back, as flash_attn_varlen_func does: q (total_q, q_heads,
 head_dim), k and v (total_k, kv_heads, head_dim), int32 cumulative lengths. Both take the
-same options: causal, scale, window, softcap, dropout_p and dropout_seed (see attention).
+same options: causal, scale, window, softcap, dropout_p, dropout_seed and deterministic (see
+attention).
 
 Backends:
     reference  plain PyTorch, every feature (runs anywhere, O(T^2) memory): the ground truth
@@ -102,9 +103,17 @@ def _select_backend(backend: str, device: torch.device, needs: set[str]) -> str:
     return name
 
 
-def _options(q, k, scale, window, softcap, dropout_p, dropout_seed) -> tuple[dict, set[str]]:
-    """The validated options as keyword arguments (only those in use) and the features the call needs."""
-    check_options(scale=scale, window=window, softcap=softcap, dropout_p=dropout_p, dropout_seed=dropout_seed)
+def _options(q, k, scale, window, softcap, dropout_p, dropout_seed, deterministic) -> tuple[dict, set[str]]:
+    """The validated options as keyword arguments (only those in use) and the features the call needs.
+    (deterministic is checked here and passed on by _implementation: only the triton backend takes it.)"""
+    check_options(
+        scale=scale,
+        window=window,
+        softcap=softcap,
+        dropout_p=dropout_p,
+        dropout_seed=dropout_seed,
+        deterministic=deterministic,
+    )
     options = {"scale": q.shape[-1] ** -0.5 if scale is None else float(scale)}
     needs = {"gqa"} if q.shape[1] != k.shape[1] else set()  # heads are dim 1 of dense and packed inputs
     if window is not None:
@@ -118,6 +127,12 @@ def _options(q, k, scale, window, softcap, dropout_p, dropout_seed) -> tuple[dic
         options["dropout_seed"] = draw_seed() if dropout_seed is None else int(dropout_seed)
         needs.add("dropout")
     return options, needs
+
+
+def _for_backend(name: str, options: dict, deterministic: bool) -> dict:
+    """The options `name` takes: deterministic=False reaches only the triton backend, whose
+    backward it switches; reference is deterministic, sdpa follows torch.use_deterministic_algorithms."""
+    return {**options, "deterministic": False} if name == "triton" and not deterministic else options
 
 
 def unavailable_reason(backend: str, device: torch.device | str = "cpu") -> str | None:
@@ -156,6 +171,7 @@ def attention(
     softcap: float | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
+    deterministic: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Scaled dot-product attention; returns (batch, q_heads, q_len, head_dim) in q's dtype.
@@ -177,14 +193,20 @@ def attention(
              (kernels/dropout.py), so every backend that supports dropout drops the same
              probabilities; None draws a seed from PyTorch's default generator (torch.manual_seed
              repeats it).
+    deterministic: True (the default): the gradients are bit-identical run to run. False lets
+             the triton backend's backward take its single pass (LaunchConfig.dq_atomic), which
+             adds dQ up with atomic adds: 5 matrix products per tile pair instead of 7, and dq's
+             last bits then vary from run to run on a GPU (dk, dv and the output do not). The
+             reference backend ignores it (always deterministic); so does sdpa, whose CUDA kernels
+             follow PyTorch's own switch, torch.use_deterministic_algorithms.
     backend: "reference", "sdpa", "triton" or "auto" (see the module docstring).
     """
     name = resolve_backend(backend, q.device if isinstance(q, torch.Tensor) else "cpu")
     check_attention_inputs(q, k, v, causal)
-    options, needs = _options(q, k, scale, window, softcap, dropout_p, dropout_seed)
+    options, needs = _options(q, k, scale, window, softcap, dropout_p, dropout_seed, deterministic)
     if needs:  # plain calls (the model's) skip the search
         name = _select_backend(backend, q.device, needs)
-    return _IMPLEMENTATIONS[name](q, k, v, causal=causal, **options)
+    return _IMPLEMENTATIONS[name](q, k, v, causal=causal, **_for_backend(name, options, deterministic))
 
 
 def varlen_attention(
@@ -202,6 +224,7 @@ def varlen_attention(
     softcap: float | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
+    deterministic: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Attention over sequences packed back to back; returns (total_q, q_heads, head_dim).
@@ -219,8 +242,9 @@ def varlen_attention(
     """
     name = resolve_backend(backend, q.device if isinstance(q, torch.Tensor) else "cpu")
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
-    options, needs = _options(q, k, scale, window, softcap, dropout_p, dropout_seed)
+    options, needs = _options(q, k, scale, window, softcap, dropout_p, dropout_seed, deterministic)
     name = _select_backend(backend, q.device, needs | {"varlen"})
+    options = _for_backend(name, options, deterministic)
     return _VARLEN_IMPLEMENTATIONS[name](
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal, **options
     )

@@ -26,7 +26,7 @@ def check_causal(causal) -> None:
         raise ValueError(f"causal must be True or False, got {causal!r} ({type(causal).__name__})")
 
 
-def check_options(*, scale, window, softcap, dropout_p, dropout_seed) -> None:
+def check_options(*, scale, window, softcap, dropout_p, dropout_seed, deterministic=True) -> None:
     """Raise ValueError (one line) for an option no backend can honour."""
     if scale is not None and not _is_positive_finite(scale):
         raise ValueError(f"scale must be a finite number > 0, or None for 1/sqrt(head_dim); got {scale!r}")
@@ -41,6 +41,11 @@ def check_options(*, scale, window, softcap, dropout_p, dropout_seed) -> None:
         raise ValueError(f"dropout_p must be a number in [0, 1) (0.0: no dropout); got {dropout_p!r}")
     if dropout_seed is not None and not (_is_int(dropout_seed) and 0 <= dropout_seed < SEED_LIMIT):
         raise ValueError(f"dropout_seed must be an int in [0, 2**32), or None to draw one; got {dropout_seed!r}")
+    if not isinstance(deterministic, bool):  # not truthiness: deterministic="no" must not mean True
+        raise ValueError(
+            f"deterministic must be True (bit-identical gradients run to run) or False (allow a faster "
+            f"backward whose dq varies in its last bits); got {deterministic!r} ({type(deterministic).__name__})"
+        )
 
 
 def _check_tensors(q, k, v, dims: int, layout: str, fix: str) -> None:

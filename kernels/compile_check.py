@@ -3,7 +3,7 @@
     TRITON_INTERPRET=0 python -m kernels.compile_check              # the sm90 rows, for sm_90a
     TRITON_INTERPRET=0 python -m kernels.compile_check --arch all   # also sm80 (sm_80) and generic (sm_86)
     TRITON_INTERPRET=0 python -m kernels.compile_check --variants   # also every row with every feature on
-    TRITON_INTERPRET=0 python -m kernels.compile_check --hopper-variants   # also each sm90 row's kernel variants
+    TRITON_INTERPRET=0 python -m kernels.compile_check --hopper-variants  # also each sm90 row's config variants
 
 What it compiles. At launch, Triton's JIT specializes a kernel on its arguments: an integer
 argument equal to 1 becomes a constant (the head-dim stride of a contiguous or fused-QKV
@@ -25,20 +25,23 @@ the heaviest variant of the kernels, shown as "variant" in the calls column; the
 checks apply. The features are constexpr switches, so the plain calls compile the kernels
 exactly as they were before the features existed.
 
-With --hopper-variants every 16-bit sm90 row of a kernel with variants (HOPPER_VARIANTS: the
-variant fields of LaunchConfig, kernels/triton_configs.py), except the decode length class's, is
-compiled again with each of them on: the rows a GPU measurement times. They are rows of their
-own ("(128, 64, 8, 3) tma"), serving the same calls as the table row; with
---variants too, also its calls with every feature on. Their NEEDS lines say what each must
-contain (a TMA variant: cp.async.bulk.tensor), so a variant that fell back to the pointer path
-fails here. The variants no kernel implements (UNAVAILABLE_VARIANTS) are listed, not compiled.
+With --hopper-variants each sm90 row is compiled again with each of its kernel's config variants
+(variant_configs, from the variant fields of LaunchConfig in kernels/triton_configs.py: the
+forward's tma, persistent and both together, on 16-bit rows beyond decoding's lengths; dkdv's
+dq_atomic, the single-pass backward, in the config triton_configs.single_pass gives it): the rows
+a GPU measurement times. They are rows of their own ("(128, 64, 8, 3)+tma"), serving the same
+calls as the table row, whose other kernels launch without the field; with --variants too, also
+its calls with every feature on. Their NEEDS lines say what each must contain (a TMA variant:
+cp.async.bulk.tensor; dq_atomic: float32 atomic adds), so a variant that fell back to a slower
+path fails here. The variants no kernel implements (UNAVAILABLE_VARIANTS) are listed, not compiled.
 
 What it checks, for every row and every program its calls compile to:
   - registers and spilled bytes per thread (the `ptxas -v` log of Triton's own cubin) and
     shared memory (the compiled kernel's metadata);
   - the instructions the row should have (NEEDS): wgmma on sm_90 and mma.sync elsewhere
     for 16-bit tensor-core tiles, asynchronous copies (cp.async) when num_stages > 1, TMA
-    (cp.async.bulk.tensor) where a variant uses tensor descriptors.
+    (cp.async.bulk.tensor) where a variant uses tensor descriptors, float32 atomic adds
+    (red/atom.global...add.f32) where dq_atomic adds dQ with them.
 It exits 1 with one line per failing row when a row spills more than SPILL_LIMIT, needs
 more shared memory than its architecture has (SHARED_MEMORY), lacks an instruction NEEDS
 asks for, or does not compile.
@@ -52,7 +55,6 @@ uses are named in _require_triton_jit).
 """
 
 import argparse
-import collections
 import contextlib
 import dataclasses
 import importlib
@@ -83,9 +85,12 @@ from kernels.triton_configs import (  # noqa: E402
     SHARED_MEMORY,
     TABLE,
     UNAVAILABLE_VARIANTS,
+    VARIANT_KERNELS,
     LaunchConfig,
     table_config,
+    with_variant,
 )
+from kernels.triton_configs import KERNELS as TABLE_KERNELS  # noqa: E402
 
 # The GPU each table architecture is compiled for (warp size 32, as CUDA drivers report it).
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32), "generic": GPUTarget("cuda", 86, 32)}
@@ -108,6 +113,8 @@ FEATURES = {
     "mma": r"\bmma\.sync\.aligned\b",  # Ampere's warp matrix multiply
     "cp.async": r"\bcp\.async\.c[ag]\.shared\.global\b",  # asynchronous copies: pipelined pointer loads
     "tma": r"\bcp\.async\.bulk\.tensor\b",  # tensor-descriptor (TMA) loads
+    # float32 atomic adds to global memory: red (result unused, e.g. red.global.gpu.relaxed.add.v4.f32) or atom
+    "atomic": r"\b(?:red|atom)\.global(?:\.\w+)*\.add(?:\.\w+)*\.f32\b",
 }
 
 
@@ -152,12 +159,35 @@ NEEDS = (
           dtype_classes=("16-bit", "float32"), when=lambda kernel, cfg: cfg.num_stages > 1),
     Needs(("tma",), "tma=True loads through tensor descriptors (TMA: cp.async.bulk.tensor)", archs=("sm90",),
           when=lambda kernel, cfg: cfg.tma),
+    Needs(("atomic",), "dq_atomic adds dQ into float32 memory with atomic reductions", kernels=("dkdv",),
+          dtype_classes=("16-bit", "float32"), when=lambda kernel, cfg: cfg.dq_atomic),
 )  # fmt: skip
 
-# --hopper-variants: the variants each kernel's sm90 rows are compiled with, as changes to the row's config.
+# --hopper-variants: the variants each kernel's sm90 rows are compiled with, as the variant fields
+# of LaunchConfig turned on (every field a kernel has, VARIANT_KERNELS, and the forward's two together).
 HOPPER_VARIANTS = {
-    "fwd": (dict(tma=True), dict(persistent=True), dict(tma=True, persistent=True)),
+    "fwd": (("tma",), ("persistent",), ("tma", "persistent")),
+    "dkdv": (("dq_atomic",),),
 }
+assert {name for of in HOPPER_VARIANTS.values() for names in of for name in names} == {
+    name for name, kernels in VARIANT_KERNELS.items() if kernels
+}
+
+
+def variant_configs(kernel: str, dtype_class: str, length: str | None, cfg: LaunchConfig) -> list[LaunchConfig]:
+    """The configs --hopper-variants compiles a sm90 row of `kernel` with besides its own: its
+    HOPPER_VARIANTS (dq_atomic in the config triton_configs.single_pass gives it). Forward rows
+    only at 16 bits beyond decoding's lengths: float32 takes the pointer path under tma, and
+    decoding goes to the decode kernel."""
+    if kernel == "fwd" and (dtype_class != "16-bit" or length == "decode"):
+        return []
+    configs = []
+    for names in HOPPER_VARIANTS.get(kernel, ()):
+        variant = cfg
+        for name in names:
+            variant = with_variant(name, variant)
+        configs.append(variant)
+    return configs
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,9 +245,14 @@ def inputs(call: Call, dtype: torch.dtype, head_dim: int) -> SimpleNamespace:
 
 
 def _plan(x: SimpleNamespace, cfg: LaunchConfig):
-    """The launch code's plan for these inputs, with cfg for every kernel it launches."""
+    """The launch code's plan for these inputs, with cfg for every kernel it launches (its
+    variant fields only for the kernels that have them: VARIANT_KERNELS)."""
     plan = triton_attention._plan_for(x.q, x.k, x.v, x.options)
-    return dataclasses.replace(plan, configs=collections.defaultdict(lambda: cfg))
+    configs = {
+        kernel: cfg._replace(**{name: False for name in cfg.variants if kernel not in VARIANT_KERNELS[name]})
+        for kernel in TABLE_KERNELS
+    }
+    return dataclasses.replace(plan, configs=configs)
 
 
 def _run_forward(x: SimpleNamespace, cfg: LaunchConfig) -> None:
@@ -415,10 +450,8 @@ class Row:
     programs: dict[Launch, list[Call]] = dataclasses.field(default_factory=dict)
     table_cfg: LaunchConfig | None = None  # for a variant of a table row (--hopper-variants): the row's own config
 
-    @property
-    def entry(self) -> LaunchConfig:
-        """The table's config this row stands for."""
-        return self.cfg if self.table_cfg is None else self.table_cfg
+    def __post_init__(self):
+        self.table_cfg = self.table_cfg or self.cfg
 
     def calls(self, variants: bool = False) -> list[Call]:
         """The calls a GPU of this arch sends to this row's config (the most specific row wins);
@@ -429,7 +462,7 @@ class Row:
             if self.causal in (ANY, causal)
             for length in KERNELS[self.kernel].lengths
             if self.length in (ANY, length)
-            and table_config(self.arch, self.kernel, self.dtype_class, causal, length, self.head_dim) == self.entry
+            and table_config(self.arch, self.kernel, self.dtype_class, causal, length, self.head_dim) == self.table_cfg
             for layout in LAYOUTS
         ]
         if not variants:
@@ -447,18 +480,16 @@ class Row:
 
 def table_rows(archs, variants: bool = False, hopper_variants: bool = False) -> list[Row]:
     """Every row of the table for `archs`, with the programs its calls launch (recorded, not compiled);
-    with `hopper_variants`, after each 16-bit sm90 row (but decoding's) of a kernel in HOPPER_VARIANTS
-    its variants."""
+    with `hopper_variants`, after each sm90 row its config variants (variant_configs)."""
     rows = []
     for arch in archs:
         for (kernel, dtype_class, causal, length), by_head_dim in TABLE[arch].items():
             for head_dim, cfg in by_head_dim.items():
-                row = Row(arch, kernel, dtype_class, causal, length, head_dim, cfg)
-                rows.append(record_row(row, variants))
-                if hopper_variants and arch == "sm90" and dtype_class == "16-bit" and length != "decode":
-                    for change in HOPPER_VARIANTS.get(kernel, ()):
-                        variant = dataclasses.replace(row, cfg=cfg._replace(**change), programs={}, table_cfg=cfg)
-                        rows.append(record_row(variant, variants))
+                row = record_row(Row(arch, kernel, dtype_class, causal, length, head_dim, cfg), variants)
+                rows.append(row)
+                if hopper_variants and arch == "sm90":
+                    for variant in variant_configs(kernel, dtype_class, length, cfg):
+                        rows.append(record_row(dataclasses.replace(row, cfg=variant, programs={}), variants))
     return rows
 
 
@@ -518,7 +549,7 @@ def describe(calls: list[Call], row: Row) -> str:
 
 HEADER = (
     f"{'arch':8} {'kernel':6} {'dtype':8} {'causal':6} {'length':6} {'D':>4} {'config':16} {'calls':20} "
-    f"{'regs':>4} {'spill':>5} {'smem KiB':>8} {'wgmma':>5} {'mma':>4} {'cp.async':>8} {'tma':>4}  result"
+    f"{'regs':>4} {'spill':>5} {'smem KiB':>8} {'wgmma':>5} {'mma':>4} {'cp.async':>8} {'tma':>4} {'atomic':>6}  result"
 )
 
 
@@ -528,7 +559,8 @@ def line(row: Row, calls: list[Call], result: dict, found: list[str]) -> str:
         return f"{start} {'FAILED: ' + found[0]}"
     return (
         f"{start} {result['regs']:>4} {result['spill']:>5} {result['smem'] / 1024:>8.1f} {result['wgmma']:>5} "
-        f"{result['mma']:>4} {result['cp.async']:>8} {result['tma']:>4}  {'; '.join(found) or 'ok'}"
+        f"{result['mma']:>4} {result['cp.async']:>8} {result['tma']:>4} {result['atomic']:>6}  "
+        f"{'; '.join(found) or 'ok'}"
     )
 
 
@@ -572,9 +604,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--hopper-variants",
         action="store_true",
-        help="also compile every 16-bit sm90 row of " + ", ".join(HOPPER_VARIANTS) + " (but decoding's) with each "
-        "of its kernel's variants "
-        "(" + "; ".join(f"{k}: " + ", ".join("+".join(c) for c in v) for k, v in HOPPER_VARIANTS.items()) + ")",
+        help="also compile every sm90 row with each config variant of its kernel ("
+        + "; ".join(
+            f"{kernel}: " + ", ".join("+".join(names) for names in of) for kernel, of in HOPPER_VARIANTS.items()
+        )
+        + ")",
     )
     args = parser.parse_args(argv)
     _require_triton_jit()

@@ -15,6 +15,11 @@ and streams the other side through on-chip memory in blocks:
             dQ per query block, looping over key blocks         (_attn_bwd_dq)
             Every gradient element is written by exactly one program, in a fixed
             order: no atomics, so gradients are bit-for-bit deterministic.
+            With deterministic=False (LaunchConfig.dq_atomic, the DQ_ATOMIC switch) the
+            dK/dV pass also adds each tile pair's share of dQ into a float32 buffer with
+            atomic adds and the dQ pass is skipped: 5 matrix products per tile pair instead
+            of 7 (no second QK^T and dO V^T), and dQ's last bits vary with the order the
+            adds land in on a GPU. dK and dV are the same either way.
 
 Masks are bottom-right aligned (query i sits at position i + Tk - Tq, as in
 kernels/reference.py). Key/query blocks no row of the other side sees (above the causal
@@ -34,6 +39,8 @@ call compiles exactly the kernel it did before they existed (kernels/triton_comm
   BLOCK_D    head dims that are multiples of 8 (80, 96, ...) padded to a power of two, the
              padding columns masked;
   SPLIT_GRID batch x heads over grid axes 1 and 2, past CUDA's 65,535 programs per axis.
+The launch config's variant fields are constexpr switches too (kernels/triton_configs.py):
+  DQ_ATOMIC  the single-pass backward above (dK/dV kernel only).
 
 The forward has variants too, chosen by the launch config (LaunchConfig's variant fields,
 kernels/triton_configs.py), off unless a config turns them on; they change how its tiles are
@@ -133,6 +140,22 @@ def _load(ptrs, mask, in_d, MASKED: tl.constexpr, PAD_D: tl.constexpr):
     else:
         x = tl.load(ptrs)
     return x
+
+
+@triton.jit
+def _atomic_add(ptrs, x, mask, in_d, MASKED: tl.constexpr, PAD_D: tl.constexpr):
+    """Add a float32 tile into memory atomically (other programs add into the same elements),
+    masked as _load masks: rows past the end only when MASKED, padding columns when PAD_D.
+    Relaxed order: only the sum matters, and nothing reads it before the kernel ends."""
+    if MASKED:
+        if PAD_D:
+            tl.atomic_add(ptrs, x, mask=mask & in_d, sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, x, mask=mask, sem="relaxed")
+    elif PAD_D:
+        tl.atomic_add(ptrs, x, mask=in_d, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, x, sem="relaxed")
 
 
 @triton.jit
@@ -567,14 +590,16 @@ def _attn_bwd_dkdv_inner(
     dk, dv, k, v,  # (BLOCK_N, BLOCK_D): f32 accumulators, and this program's keys/values
     Q, DO, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom, stride_dod,  # queries and dO
     Lse, Delta, lse_head_stride,  # the float32 base-2 LSE and delta rows of the query heads
+    DQ, stride_dqh, stride_dqm, stride_dqd, sm_scale,  # with DQ_ATOMIC: the float32 dQ of the query heads
     offs_n, offs_d, in_d, lo, hi, N_Q, N_K, diag, qk_scale,
     softcap_scale, window, dropout_seed, dropout_threshold, dropout_scale, off_b, off_h,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr, PAD_D: tl.constexpr, MASKED: tl.constexpr,
-    FP32_DOT: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     """Accumulate dK, dV of one key block over query blocks [lo, hi) of the GROUP query heads
     off_h, off_h + 1, ... (Q, DO, Lse and Delta point at the first), one head after another.
+    With DQ_ATOMIC, also add each tile's share of dQ into DQ (float32, same heads) atomically.
 
     With GQA one loop walks GROUP x the block range, not a loop per head around the block loop:
     nested loops kept more values live across the inner one, and spilled registers.
@@ -588,13 +613,15 @@ def _attn_bwd_dkdv_inner(
     for start_m in range(lo, steps_end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         head = off_h
-        Q_h, DO_h, Lse_h, Delta_h = Q, DO, Lse, Delta
+        Q_h, DO_h, Lse_h, Delta_h, DQ_h = Q, DO, Lse, Delta, DQ
         if GROUP > 1:  # step start_m - lo of GROUP x (hi - lo): head g of the group, its block start_m
             g = (start_m - lo) // (hi - lo)
             start_m = tl.multiple_of(start_m - g * (hi - lo), BLOCK_M)
             head = off_h + g
             Q_h, DO_h = Q + g * stride_qh, DO + g * stride_doh
             Lse_h, Delta_h = Lse + g * lse_head_stride, Delta + g * lse_head_stride
+            if DQ_ATOMIC:
+                DQ_h = DQ + g * stride_dqh
         offs_m = start_m + offs_m0
         in_q = offs_m < N_Q
         q = _load(_tile(Q_h, offs_m, stride_qm, offs_d, stride_qd), in_q[:, None], in_d, MASKED, PAD_D)
@@ -624,27 +651,32 @@ def _attn_bwd_dkdv_inner(
             dpT = tl.where(keptT, dpT * dropout_scale, 0.0)
         dsT = pT * (dpT - delta[None, :])
         dk += dot(dsT.to(q.dtype), q, FP32_DOT)  # (BLOCK_N, BLOCK_D), scaled by the caller
+        if DQ_ATOMIC:  # the single-pass backward: dQ's share of this tile pair, dS K, added in place
+            dq = dot(tl.trans(dsT.to(k.dtype)), k, FP32_DOT) * sm_scale  # (BLOCK_M, BLOCK_D)
+            _atomic_add(_tile(DQ_h, offs_m, stride_dqm, offs_d, stride_dqd), dq, in_q[:, None], in_d, MASKED, PAD_D)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["stride_lse_h", "N_Q", "N_K", "batch_heads", "window", "dropout_seed",
                                "dropout_threshold"])
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DK, DV, Lse, Delta, Cu_seqlens_q, Cu_seqlens_k,
+    Q, K, V, DO, DK, DV, DQ, Lse, Delta, Cu_seqlens_q, Cu_seqlens_k,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,  # DQ and its strides: None unless DQ_ATOMIC
     stride_lse_h, H, N_Q, N_K, batch_heads, sm_scale, qk_scale,
     softcap_scale, window, dropout_seed, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
-    VARLEN: tl.constexpr, SPLIT_GRID: tl.constexpr, FP32_DOT: tl.constexpr,
+    VARLEN: tl.constexpr, SPLIT_GRID: tl.constexpr, DQ_ATOMIC: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # grid: (cdiv(Tk, BLOCK_N), B * H), H the kv heads; BLOCK_N keys per program, BLOCK_M queries per step
+    # grid: (cdiv(Tk, BLOCK_N), B * H), H the kv heads; BLOCK_N keys per program, BLOCK_M queries per step.
+    # DQ_ATOMIC (LaunchConfig.dq_atomic): the single-pass backward, which also adds dQ into DQ (float32).
     start_n = tl.program_id(0)
     off_hb = tl.program_id(1)
     if SPLIT_GRID:
@@ -664,6 +696,8 @@ def _attn_bwd_dkdv(
         V += k_start * stride_vn
         DK += k_start * stride_dkn
         DV += k_start * stride_dvn
+        if DQ_ATOMIC:
+            DQ += q_start * stride_dqm
     q_head = off_h
     if GROUP > 1:
         q_head = off_h * GROUP  # the group's first query head
@@ -673,6 +707,8 @@ def _attn_bwd_dkdv(
     DO += off_b * stride_dob + q_head * stride_doh
     DK += off_b * stride_dkb + off_h * stride_dkh
     DV += off_b * stride_dvb + off_h * stride_dvh
+    if DQ_ATOMIC:
+        DQ += off_b * stride_dqb + q_head * stride_dqh
     # That head's rows of the float32 base-2 LSE and delta: (B, H * GROUP, Tq), or (H * GROUP, total_q) with VARLEN
     if VARLEN:
         lse_head_stride = stride_lse_h
@@ -705,21 +741,27 @@ def _attn_bwd_dkdv(
         lo, full_lo, full_hi, end = _query_ranges(start_n, N_Q, N_K, BLOCK_M, BLOCK_N, CAUSAL)
     # Query blocks before `lo` and from `end` cannot see any of these keys and are skipped.
     # With GQA each range is walked for each query head of the group in turn: a fixed order.
+    # The blocks crossing the diagonal (or the window's edge):
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom,
-                                  stride_dod, Lse, Delta, lse_head_stride, offs_n, offs_d, in_d, lo, full_lo, N_Q,
-                                  N_K, diag, qk_scale, softcap_scale, window, dropout_seed, dropout_threshold,
-                                  dropout_scale, off_b, q_head, GROUP, BLOCK_M, CAUSAL, WINDOW, SOFTCAP, DROPOUT,
-                                  HEAD_DIM < BLOCK_D, True, FP32_DOT)  # crossing the diagonal (or the window's edge)
+                                  stride_dod, Lse, Delta, lse_head_stride, DQ, stride_dqh, stride_dqm, stride_dqd,
+                                  sm_scale, offs_n, offs_d, in_d, lo, full_lo, N_Q, N_K, diag, qk_scale,
+                                  softcap_scale, window, dropout_seed, dropout_threshold, dropout_scale, off_b,
+                                  q_head, GROUP, BLOCK_M, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D,
+                                  True, DQ_ATOMIC, FP32_DOT)
+    # those fully visible:
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom,
-                                  stride_dod, Lse, Delta, lse_head_stride, offs_n, offs_d, in_d, full_lo, full_hi,
-                                  N_Q, N_K, diag, qk_scale, softcap_scale, window, dropout_seed, dropout_threshold,
-                                  dropout_scale, off_b, q_head, GROUP, BLOCK_M, CAUSAL, WINDOW, SOFTCAP, DROPOUT,
-                                  HEAD_DIM < BLOCK_D, False, FP32_DOT)  # fully visible
+                                  stride_dod, Lse, Delta, lse_head_stride, DQ, stride_dqh, stride_dqm, stride_dqd,
+                                  sm_scale, offs_n, offs_d, in_d, full_lo, full_hi, N_Q, N_K, diag, qk_scale,
+                                  softcap_scale, window, dropout_seed, dropout_threshold, dropout_scale, off_b,
+                                  q_head, GROUP, BLOCK_M, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D,
+                                  False, DQ_ATOMIC, FP32_DOT)
+    # the ragged end of Tq or Tk (or the window's):
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, Q, DO, stride_qh, stride_qm, stride_qd, stride_doh, stride_dom,
-                                  stride_dod, Lse, Delta, lse_head_stride, offs_n, offs_d, in_d, full_hi, end, N_Q,
-                                  N_K, diag, qk_scale, softcap_scale, window, dropout_seed, dropout_threshold,
-                                  dropout_scale, off_b, q_head, GROUP, BLOCK_M, CAUSAL, WINDOW, SOFTCAP, DROPOUT,
-                                  HEAD_DIM < BLOCK_D, True, FP32_DOT)  # ragged end of Tq or Tk (or the window's)
+                                  stride_dod, Lse, Delta, lse_head_stride, DQ, stride_dqh, stride_dqm, stride_dqd,
+                                  sm_scale, offs_n, offs_d, in_d, full_hi, end, N_Q, N_K, diag, qk_scale,
+                                  softcap_scale, window, dropout_seed, dropout_threshold, dropout_scale, off_b,
+                                  q_head, GROUP, BLOCK_M, CAUSAL, WINDOW, SOFTCAP, DROPOUT, HEAD_DIM < BLOCK_D,
+                                  True, DQ_ATOMIC, FP32_DOT)
 
     dk *= sm_scale
     tl.store(_tile(DK, offs_n, stride_dkn, offs_d, stride_dkd), dk.to(DK.dtype.element_ty), mask=in_k)
@@ -900,8 +942,6 @@ def _run_fwd(q, k, v, out, lse, options: Options, packing: Packing | None, launc
                            **arguments(options), **launch.meta)
 
 
-# The variant fields of LaunchConfig each kernel implements; the others refuse them (_Plan._launch).
-_KERNEL_VARIANTS = {"fwd": triton_configs.FORWARD_VARIANTS}
 # Without a GPU, the persistent forward's programs: fewer than the tests' tiles, so that the loop runs.
 INTERPRETER_PROGRAMS = 3
 
@@ -946,11 +986,13 @@ def _run_preprocess(out, do, delta, packing: Packing | None, launch: _Launch):
                                       **launch.meta)
 
 
-def _run_dkdv(q, k, v, do, dk, dv, lse, delta, options: Options, packing: Packing | None, launch: _Launch):
+def _run_dkdv(q, k, v, do, dk, dv, dq, lse, delta, options: Options, packing: Packing | None, launch: _Launch):
+    """dq: the float32 dQ the single-pass backward (DQ_ATOMIC) adds into, zeros before; else None."""
     packed = packing is not None
-    _attn_bwd_dkdv[launch.grid](q, k, v, do, dk, dv, lse, delta, *_cu_seqlens(packing),
+    dq_strides = (None,) * 4 if dq is None else strides(dq, packed)
+    _attn_bwd_dkdv[launch.grid](q, k, v, do, dk, dv, dq, lse, delta, *_cu_seqlens(packing),
                                 *strides(q, packed), *strides(k, packed), *strides(v, packed),
-                                *strides(do, packed), *strides(dk, packed), *strides(dv, packed),
+                                *strides(do, packed), *strides(dk, packed), *strides(dv, packed), *dq_strides,
                                 _lse_row(q, packing), k.shape[1], *lengths(q, k, packing),
                                 sm_scale=options.scale, **arguments(options), **launch.meta)
 
@@ -992,20 +1034,29 @@ def _forward(q, k, v, options: Options, packing: Packing | None, plan: "_Plan"):
 
 
 def _backward(do, q, k, v, out, lse, options: Options, packing: Packing | None, plan: "_Plan"):
-    """Launch the three backward kernels; returns dq, dk, dv shaped like q, k, v."""
+    """Launch the backward kernels; returns dq, dk, dv shaped like q, k, v.
+
+    Two passes (dK/dV, then dQ), or with options.deterministic False the single pass whose dK/dV
+    kernel also adds dQ into a float32 buffer with atomics, then cast to q's dtype (_Plan.backward).
+    """
     nan_fill = plan.switches.nan_fill
-    dq = _empty(q.shape, q.dtype, q.device, nan_fill)
+    if plan.batch * plan.heads == 0:
+        return tuple(_empty(t.shape, t.dtype, t.device, nan_fill) for t in (q, k, v))
+    preprocess, dkdv, dq_launch = plan.backward if options.deterministic else plan.single_pass_backward
+    single_pass = dq_launch is None
+    # The single pass adds into dq_sum from many programs, so it starts at zero (never NaN-filled).
+    dq_sum = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if single_pass else None
+    dq = None if single_pass else _empty(q.shape, q.dtype, q.device, nan_fill)
     dk = _empty(k.shape, k.dtype, k.device, nan_fill)
     dv = _empty(v.shape, v.dtype, v.device, nan_fill)
-    if plan.batch * plan.heads == 0:
-        return dq, dk, dv
-    preprocess, dkdv, dq_launch = plan.backward
     delta = _empty(lse.shape, torch.float32, q.device, nan_fill)
     if _runs(preprocess):  # (no queries: nothing to do but the zero dK, dV below)
         _run_preprocess(out, do, delta, packing, preprocess)
     if _runs(dkdv):  # also without queries: it writes the zero gradients
-        _run_dkdv(q, k, v, do, dk, dv, lse, delta, options, packing, dkdv)
-    if _runs(dq_launch):
+        _run_dkdv(q, k, v, do, dk, dv, dq_sum, lse, delta, options, packing, dkdv)
+    if single_pass:
+        dq = dq_sum.to(q.dtype)  # (float32 inputs: the buffer itself)
+    elif _runs(dq_launch):
         _run_dq(q, k, v, do, dq, lse, delta, options, packing, dq_launch)
     return dq, dk, dv
 
@@ -1064,33 +1115,38 @@ class _Plan:
         return self._launch("fwd", self._config("fwd"))
 
     @functools.cached_property
-    def backward(self) -> tuple[_Launch, _Launch, _Launch]:
-        """The preprocess, dK/dV and dQ launches."""
+    def backward(self) -> tuple[_Launch, _Launch, _Launch | None]:
+        """The preprocess, dK/dV and dQ launches of the deterministic backward: two passes, unless
+        a forced dK/dV config has dq_atomic (then that single pass, and no dQ launch)."""
+        return self._backward(self._config("dkdv"))
+
+    @functools.cached_property
+    def single_pass_backward(self) -> tuple[_Launch, _Launch, None]:
+        """deterministic=False: the dK/dV config with dq_atomic (triton_configs.single_pass), which
+        adds dQ in with atomics; no dQ launch. A forced config (self.configs) is launched as forced."""
+        config = self._config("dkdv")
+        return self._backward(config if self.configs is not None else triton_configs.single_pass(config))
+
+    def _backward(self, dkdv: LaunchConfig) -> tuple[_Launch, _Launch, _Launch | None]:
         batch_heads, split_grid = batch_head_grid(self.batch * self.heads)
         preprocess = _Launch((triton.cdiv(self.q_len, _PREPROCESS_BLOCK_M), *batch_heads),
                              {"HEAD_DIM": self.head_dim, "BLOCK_D": self.block_d, "VARLEN": self.packed,
                               "SPLIT_GRID": split_grid, "BLOCK_M": _PREPROCESS_BLOCK_M,
                               "batch_heads": self.batch * self.heads if split_grid else None})
-        return preprocess, self._launch("dkdv", self._config("dkdv")), self._launch("dq", self._config("dq"))
+        dq = None if dkdv.dq_atomic else self._launch("dq", self._config("dq"))
+        return preprocess, self._launch("dkdv", dkdv), dq
 
     @functools.cached_property
     def decode(self) -> triton_decode.DecodeLaunch:
         """The split-KV decode kernels' launch (q_len <= MAX_DECODE_Q_LEN, no gradient needed)."""
+        config = None if self.configs is None else _supported("decode", self.configs["decode"])
         return triton_decode.decode_launch(
             self.batch, self.heads, self.kv_heads, self.q_len, self.kv_len, self.head_dim, self.dtype,
-            self.device, self.variant, self.window, self.packed,
-            config=None if self.configs is None else self.configs["decode"],
+            self.device, self.variant, self.window, self.packed, config=config,
         )
 
     def _launch(self, kernel: str, cfg: LaunchConfig) -> _Launch:
-        for name in cfg.variants:
-            if name in triton_configs.UNAVAILABLE_VARIANTS:
-                raise ValueError(f"LaunchConfig.{name} is not available: {triton_configs.UNAVAILABLE_VARIANTS[name]}; "
-                                 "set it False")
-        unsupported = [name for name in cfg.variants if name not in _KERNEL_VARIANTS.get(kernel, ())]
-        if unsupported:
-            raise ValueError(f"LaunchConfig.{'/'.join(unsupported)} is not implemented by the {kernel!r} kernel "
-                             f"(only {', '.join(f'{k}: {v}' for k, v in _KERNEL_VARIANTS.items())}); set it False")
+        _supported(kernel, cfg)
         # fwd and dq: one program per query block and query head; dkdv: per key block and kv head.
         heads = self.kv_heads if kernel == "dkdv" else self.heads
         blocks = triton.cdiv(self.kv_len, cfg.block_n) if kernel == "dkdv" else triton.cdiv(self.q_len, cfg.block_m)
@@ -1109,6 +1165,8 @@ class _Plan:
             # float32's small tiles of full-precision products, which spill with descriptors: pointers.
             tma = cfg.tma and not self.packed and self.dtype != torch.float32
             meta.update(TMA=tma, PERSISTENT=cfg.persistent)
+        if kernel == "dkdv":
+            meta["DQ_ATOMIC"] = cfg.dq_atomic
         return _Launch((blocks, *batch_heads), meta)
 
     def _table_config(self, kernel: str) -> tuple[str, LaunchConfig]:
@@ -1163,10 +1221,18 @@ class _Plan:
         """One launch of `kernel` on the examples (every kernel only writes its outputs: safe to repeat)."""
         if kernel == "fwd":
             _run_fwd(e.q, e.k, e.v, e.out, e.lse, e.options, None, launch)
-        elif kernel == "dkdv":
-            _run_dkdv(e.q, e.k, e.v, e.do, e.dk, e.dv, e.lse, e.delta, e.options, None, launch)
+        elif kernel == "dkdv":  # (the tuner times two-pass configs: no dQ buffer)
+            _run_dkdv(e.q, e.k, e.v, e.do, e.dk, e.dv, None, e.lse, e.delta, e.options, None, launch)
         else:
             _run_dq(e.q, e.k, e.v, e.do, e.dq, e.lse, e.delta, e.options, None, launch)
+
+
+def _supported(kernel: str, cfg: LaunchConfig) -> LaunchConfig:
+    """cfg, if `kernel` implements every variant field it sets; else a one-line ValueError."""
+    unsupported = triton_configs.unsupported_variants(kernel, cfg)
+    if unsupported:
+        raise ValueError(f"cannot launch {kernel} with {cfg.label()}: {'; '.join(unsupported)}")
+    return cfg
 
 
 @functools.cache
@@ -1275,22 +1341,23 @@ def _packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> Packing 
 def flash_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
     window: int | None = None, softcap: float | None = None, dropout_p: float = 0.0, dropout_seed: int = 0,
-    cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+    deterministic: bool = True, cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out (shaped like q) in q's dtype, and lse float32 for the backward: (B, H, Tq), or
     (H, total_q) for packed sequences (cu_seqlens given).
 
     lse is the base-2 log-sum-exp of the scaled (capped, masked) scores: log2(sum_j 2**(s_ij * log2(e)))
-    for s = scale * q k^T, i.e. the natural logsumexp times log2(e).
+    for s = scale * q k^T, i.e. the natural logsumexp times log2(e). deterministic changes nothing
+    here: it travels with the forward's inputs to its backward (flash_attn_bwd).
     """
-    options = Options(causal, scale, window, softcap, dropout_p, dropout_seed)
+    options = Options(causal, scale, window, softcap, dropout_p, dropout_seed, deterministic)
     packing = _packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return _forward(q, k, v, options, packing, _plan_for(q, k, v, options, packing))
 
 
 @flash_attn_fwd.register_fake
-def _(q, k, v, causal, scale, window=None, softcap=None, dropout_p=0.0, dropout_seed=0,
+def _(q, k, v, causal, scale, window=None, softcap=None, dropout_p=0.0, dropout_seed=0, deterministic=True,
       cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
     packing = _packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     _check_supported(q, k, packing is not None)  # at trace time: fail while compiling, not at the first run
@@ -1302,11 +1369,12 @@ def flash_attn_bwd(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
     window: int | None = None, softcap: float | None = None, dropout_p: float = 0.0, dropout_seed: int = 0,
-    cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+    deterministic: bool = True, cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
     max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv (contiguous, in the inputs' dtype) from the forward's out and lse."""
-    options = Options(causal, scale, window, softcap, dropout_p, dropout_seed)
+    """dq, dk, dv (contiguous, in the inputs' dtype) from the forward's out and lse; deterministic
+    False allows the single-pass backward (dQ added with atomics)."""
+    options = Options(causal, scale, window, softcap, dropout_p, dropout_seed, deterministic)
     packing = _packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return _backward(grad_out, q, k, v, out, lse, options, packing, _plan_for(q, k, v, options, packing))
 
@@ -1329,7 +1397,7 @@ def _backward_rule(ctx, grad_out, grad_lse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     dq, dk, dv = flash_attn_bwd(grad_out, q, k, v, out, lse, *ctx.options, cu_seqlens_q, cu_seqlens_k,
                                 *ctx.max_seqlens)
-    return dq, dk, dv, *[None] * 10
+    return dq, dk, dv, *[None] * 11
 
 
 flash_attn_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -1363,24 +1431,28 @@ def _(q, k, v, causal, scale, window=None, softcap=None, cu_seqlens_q=None, cu_s
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
     window: int | None = None, softcap: float | None = None, dropout_p: float = 0.0, dropout_seed: int = 0,
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """Fused softmax(scale * q k^T [+ masks]) v for q (B, Hq, Tq, D), k/v (B, Hkv, Tk, D).
 
     Differentiable; any strides are accepted (no copies). Returns (B, Hq, Tq, D) in q's dtype.
     The options mean what kernels.attention says; kernels.attention is the usual way in, and
     validates them (here the inputs are checked the first time their signature is seen).
+    deterministic=False lets the backward take the single pass (dQ added with atomics).
     """
-    return _attend(q, k, v, Options(causal, scale, window, softcap, dropout_p, dropout_seed), None)
+    options = Options(causal, scale, window, softcap, dropout_p, dropout_seed, deterministic)
+    return _attend(q, k, v, options, None)
 
 
 def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int, max_seqlen_k: int, *, causal: bool, scale: float,
     window: int | None = None, softcap: float | None = None, dropout_p: float = 0.0, dropout_seed: int = 0,
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """attention() over packed sequences, q (total_q, Hq, D), k/v (total_k, Hkv, D), as
     kernels.varlen_attention describes them (which also checks the cu_seqlens' contents)."""
-    options = Options(causal, scale, window, softcap, dropout_p, dropout_seed)
+    options = Options(causal, scale, window, softcap, dropout_p, dropout_seed, deterministic)
     return _attend(q, k, v, options, Packing(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
 
 

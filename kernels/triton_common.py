@@ -36,7 +36,11 @@ GRID_AXIS_LIMIT = 65535
 
 
 class Options(NamedTuple):
-    """One call's options, as kernels.attention validated them (window, softcap None: off)."""
+    """One call's options, as kernels.attention validated them (window, softcap None: off).
+
+    deterministic False lets the backward take the single pass that adds dQ with atomics
+    (LaunchConfig.dq_atomic); it changes which launch config the backward uses, not `variant`.
+    """
 
     causal: bool
     scale: float
@@ -44,6 +48,7 @@ class Options(NamedTuple):
     softcap: float | None = None
     dropout_p: float = 0.0
     dropout_seed: int = 0
+    deterministic: bool = True
 
     @property
     def variant(self) -> tuple[bool, bool, bool, bool]:

@@ -64,15 +64,20 @@ class LaunchConfig(NamedTuple):
     """How one kernel launches: its tiles, warps and pipeline depth, and which variant of it runs.
 
     The variant fields select variants of the same kernel source (constexpr switches), all off by
-    default, so LaunchConfig(block_m, block_n, num_warps, num_stages) is today's kernel. They are
-    the forward's ("fwd"); any other kernel refuses them (kernels/triton_attention.py):
-      tma              load Q, K, V and store O through tensor descriptors (TMA, sm_90 and later)
-                       instead of pointers, for 16-bit inputs a descriptor can read (the others,
-                       and packed sequences, run the pointer path)
-      persistent       one program per SM, each looping over (query block, batch x head) tiles,
-                       causal ones heaviest first
-      warp_specialize  the key loops split into producer and consumer warps by Triton: refused by
-                       every kernel (UNAVAILABLE_VARIANTS says why)
+    default, so LaunchConfig(block_m, block_n, num_warps, num_stages) is today's kernel.
+    VARIANT_KERNELS says which kernels have each; any other kernel refuses a config that sets it
+    (unsupported_variants):
+      tma              fwd: load Q, K, V and store O through tensor descriptors (TMA, sm_90 and
+                       later) instead of pointers, for 16-bit inputs a descriptor can read (the
+                       others, and packed sequences, run the pointer path)
+      persistent       fwd: one program per SM, each looping over (query block, batch x head)
+                       tiles, causal ones heaviest first
+      warp_specialize  the key loops split into producer and consumer warps by Triton: no kernel
+                       has it (UNAVAILABLE_VARIANTS says why)
+      dq_atomic        dkdv: the single-pass backward. Each dK/dV program also adds its tiles'
+                       share of dQ into a float32 buffer with atomic adds (5 matrix products per
+                       tile pair, not 7), and the dq launch is skipped; dQ's summation order, and
+                       so its last bits, then vary run to run
     """
 
     block_m: int  # query rows per tile
@@ -82,25 +87,39 @@ class LaunchConfig(NamedTuple):
     tma: bool = False
     persistent: bool = False
     warp_specialize: bool = False
+    dq_atomic: bool = False
 
     @property
     def variants(self) -> tuple[str, ...]:
         """The names of the variant fields that are on, e.g. ("tma", "persistent")."""
-        return tuple(name for name in VARIANT_FIELDS if getattr(self, name))
+        return tuple(name for name in VARIANT_KERNELS if getattr(self, name))
 
     def label(self) -> str:
-        """(block_m, block_n, num_warps, num_stages), and the variants that are on: "(128, 64, 8, 3) tma"."""
-        return " ".join((str(tuple(self[:4])), "+".join(self.variants))).strip()
+        """(block_m, block_n, num_warps, num_stages), then each variant that is on: "(32, 64, 8, 2)+dq_atomic"."""
+        return str(tuple(self[:4])) + "".join(f"+{name}" for name in self.variants)
 
 
-VARIANT_FIELDS = LaunchConfig._fields[4:]  # the fields after num_stages: which variant of a kernel runs
-FORWARD_VARIANTS = ("tma", "persistent")  # the variant fields the forward implements
+# The kernels that implement each variant field of LaunchConfig (in the fields' order).
+VARIANT_KERNELS = {"tma": ("fwd",), "persistent": ("fwd",), "warp_specialize": (), "dq_atomic": ("dkdv",)}
+assert tuple(VARIANT_KERNELS) == LaunchConfig._fields[4:]
 # Variant fields no kernel implements, and why: the launch code refuses them with this reason.
 UNAVAILABLE_VARIANTS = {
     "warp_specialize": "Triton's warp-specialization pass cannot compile the forward's key loops for sm_90 "
     "(Triton 3.9, 4 warps: an assertion aborts the process with pointer loads, a verifier error with tensor "
     "descriptors; 8 warps: the loops are left unspecialized)",
 }
+
+
+def unsupported_variants(kernel: str, cfg: LaunchConfig) -> list[str]:
+    """Why `kernel` cannot launch with `cfg`'s variant fields (one line each); empty if it can."""
+    found = []
+    for name in cfg.variants:
+        if name in UNAVAILABLE_VARIANTS:
+            found.append(f"LaunchConfig.{name} is not available: {UNAVAILABLE_VARIANTS[name]}; set it False")
+        elif kernel not in VARIANT_KERNELS[name]:
+            kernels = "/".join(VARIANT_KERNELS[name])
+            found.append(f"LaunchConfig.{name}=True is a {kernels} variant; the {kernel} kernel has none")
+    return found
 
 
 # The 16-bit sm90 forward's own candidates per head dim, tried first (FlashAttention-3's and
@@ -214,6 +233,29 @@ TABLE = {
 }
 
 
+# The single-pass backward (kernels.attention(..., deterministic=False)) launches the dK/dV
+# pass with the config the table (or the tuner) gives it and dq_atomic on, except where that
+# spills registers (`kernels.compile_check --hopper-variants`, sm_90): those configs take the
+# one here instead, found the same way. Unmeasured, like the table.
+SINGLE_PASS = {
+    # 16-bit head dim 256: 28 bytes spilled (causal); half the query rows per step
+    LaunchConfig(32, 32, 8, 2): LaunchConfig(16, 32, 8, 2, dq_atomic=True),
+    # float32 head dim 64: 28 bytes spilled (not causal); 8 warps
+    LaunchConfig(16, 32, 4, 3): LaunchConfig(16, 32, 8, 3, dq_atomic=True),
+}
+
+
+def single_pass(dkdv: LaunchConfig) -> LaunchConfig:
+    """The single-pass backward's config in place of the dK/dV config `dkdv`: SINGLE_PASS's, or
+    dkdv with dq_atomic on."""
+    return SINGLE_PASS.get(dkdv, dkdv._replace(dq_atomic=True))
+
+
+def with_variant(name: str, cfg: LaunchConfig) -> LaunchConfig:
+    """The config of a row whose config is `cfg` with variant field `name` on (dq_atomic: single_pass)."""
+    return single_pass(cfg) if name == "dq_atomic" else cfg._replace(**{name: True})
+
+
 def arch_of(capability: tuple[int, int]) -> str:
     """The TABLE architecture for a CUDA compute capability, e.g. (9, 0) -> "sm90"."""
     return {(9, 0): "sm90", (8, 0): "sm80"}.get(tuple(capability), "generic")
@@ -266,7 +308,7 @@ def problems(kernel: str, cfg: LaunchConfig, head_dim: int, dtype_class: str, ar
     Fits: estimated shared memory within the arch's limit, and per thread at most 128
     accumulator and 64 score registers (more spills; rough, `kernels.compile_check` measures).
     """
-    found = []
+    found = unsupported_variants(kernel, cfg)
     for name, size in (("BLOCK_M", cfg.block_m), ("BLOCK_N", cfg.block_n)):
         if size < 16 or size & (size - 1):
             found.append(f"{name}={size} is not a power of two >= 16")
@@ -324,6 +366,17 @@ def tuning_file(directory: Path, device_name: str, triton_version: str) -> Path:
     return Path(directory) / f"{re.sub(r'[^A-Za-z0-9.]+', '-', device_name)}-triton{triton_version}.json"
 
 
+def _to_json(cfg: LaunchConfig) -> list:
+    """[block_m, block_n, num_warps, num_stages] and the names of the variant fields that are on:
+    the same file, whatever order LaunchConfig declares its variant fields in."""
+    return [*cfg[:4], *cfg.variants]
+
+
+def _from_json(stored: list) -> LaunchConfig:
+    sizes, variants = stored[:4], stored[4:]
+    return LaunchConfig(*sizes, **dict.fromkeys(variants, True))
+
+
 class TunedConfigs:
     """Autotuned winners per config key, kept in memory and in a JSON file between processes."""
 
@@ -341,7 +394,7 @@ class TunedConfigs:
     def _read(self) -> dict[str, LaunchConfig]:
         try:
             stored = json.loads(self.path.read_text())
-            return {key: LaunchConfig(*cfg) for key, cfg in stored.items()}
+            return {key: _from_json(cfg) for key, cfg in stored.items()}
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, TypeError) as err:  # unreadable or from another version: tune again
@@ -354,13 +407,5 @@ class TunedConfigs:
         winners = {**self._read(), **self._winners}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps({key: _fields(cfg) for key, cfg in sorted(winners.items())}, indent=1))
+        temporary.write_text(json.dumps({key: _to_json(cfg) for key, cfg in sorted(winners.items())}, indent=1))
         os.replace(temporary, self.path)
-
-
-def _fields(cfg: LaunchConfig) -> list:
-    """cfg as a list without its trailing default variant fields: [128, 64, 4, 3] for today's kernel."""
-    fields = list(cfg)
-    while len(fields) > 4 and fields[-1] == LaunchConfig._field_defaults[LaunchConfig._fields[len(fields) - 1]]:
-        fields.pop()
-    return fields

@@ -176,6 +176,9 @@ BAD_OPTIONS = [
     ({"dropout_p": 0.1, "dropout_seed": -1}, "dropout_seed must be an int in [0, 2**32)"),
     ({"dropout_p": 0.1, "dropout_seed": 2**32}, "dropout_seed must be an int in [0, 2**32)"),
     ({"dropout_p": 0.1, "dropout_seed": 1.5}, "dropout_seed must be an int in [0, 2**32)"),
+    ({"deterministic": "no"}, "deterministic must be True (bit-identical gradients run to run) or False"),
+    ({"deterministic": 0}, "got 0 (int)"),
+    ({"deterministic": None}, "deterministic must be True"),
 ]
 
 
@@ -188,6 +191,23 @@ def test_bad_options_on_every_backend(options, message, backend):
     one_line_error(lambda: kernels.attention(q, k, v, backend=backend, **options), message)
     packed = make_varlen([2, 2], [2, 2], 2, 16)
     one_line_error(lambda: kernels.varlen_attention(*packed, backend=backend, **options), message)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_reference_and_sdpa_ignore_deterministic(backend):
+    """deterministic=False allows a nondeterministic backward; these backends have no other one to
+    take, so the output and the gradients are the default call's, bit for bit (dense and packed)."""
+
+    def grads(fn, *inputs, **options):
+        leaves = [t.detach().requires_grad_() for t in inputs[:3]]
+        out = fn(*leaves, *inputs[3:], backend=backend, **options)
+        return (out, *torch.autograd.grad(out, leaves, torch.ones_like(out)))
+
+    dense = make_qkv(1, 4, 9, 9, 16, kv_heads=2)
+    packed = make_varlen([3, 5], [4, 5], 2, 16)
+    for fn, inputs in ((kernels.attention, dense), (kernels.varlen_attention, packed)):
+        for a, b in zip(grads(fn, *inputs), grads(fn, *inputs, deterministic=False)):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ shapes that only make sense on a GPU, and a run of every autotuning candidate.
 import dataclasses
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -47,22 +48,24 @@ def attention_and_grads(fn, q, k, v, do, **kwargs):
     return (out.detach(), *grads)
 
 
-def check_against_reference(q, k, v, *, causal, scale=None, do=None, triton_fn=None, grad_atol=None, **options):
+def check_against_reference(
+    q, k, v, *, causal, scale=None, do=None, triton_fn=None, grad_atol=None, deterministic=True, **options
+):
     """Run the Triton backend forward + backward and compare all four results to float64.
 
     do: the output gradient (default: random); triton_fn(q, k, v, do) -> (out, dq, dk, dv)
     replaces the public entry point; grad_atol(expected_grad) -> float is an extra
-    allowance for the gradients (default none); options: window, softcap, dropout_p and
-    dropout_seed, as kernels.attention takes them. Returns the Triton results.
+    allowance for the gradients (default none); deterministic=False lets the backward take
+    its single pass; options: window, softcap, dropout_p and dropout_seed, as
+    kernels.attention takes them. Returns the Triton results.
     """
     scale_f = q.shape[-1] ** -0.5 if scale is None else scale
     if do is None:
         do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype).to(q.device)
 
     if triton_fn is None:
-        got = attention_and_grads(
-            kernels.attention, q, k, v, do, causal=causal, scale=scale, backend="triton", **options
-        )
+        triton_options = dict(scale=scale, backend="triton", deterministic=deterministic, **options)
+        got = attention_and_grads(kernels.attention, q, k, v, do, causal=causal, **triton_options)
     else:
         got = triton_fn(q, k, v, do)
     exact = attention_and_grads(
@@ -79,14 +82,18 @@ def check_against_reference(q, k, v, *, causal, scale=None, do=None, triton_fn=N
     return got
 
 
-def check_varlen_against_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **options):
+def check_varlen_against_reference(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, deterministic=True, **options
+):
     """check_against_reference for packed sequences (kernels.reference.varlen_attention: each
     sequence as its own dense call, sequence s as batch row s of the dropout mask)."""
     packing = dict(
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k
     )
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype).to(q.device)
-    got = attention_and_grads(kernels.varlen_attention, q, k, v, do, **packing, backend="triton", **options)
+    got = attention_and_grads(
+        kernels.varlen_attention, q, k, v, do, **packing, backend="triton", deterministic=deterministic, **options
+    )
 
     def reference_in(dtype, **extra):
         def attend(q, k, v):
@@ -382,6 +389,110 @@ def test_backward_is_deterministic(device, kv_heads, options):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
+# ---------------------------------------------------------------------------------------
+# The single-pass backward (deterministic=False: dQ added with atomics inside the dK/dV pass)
+# ---------------------------------------------------------------------------------------
+
+
+# (batch, q heads, kv heads, Tq, Tk, head dim, dtype, causal, options): every feature the dK/dV
+# program's atomic dQ has to get right, lengths off the interpreter's 16/32 blocks.
+SINGLE_PASS_CASES = [
+    pytest.param(1, 2, 2, 50, 50, 16, torch.float32, True, {}, id="causal"),
+    pytest.param(1, 2, 2, 17, 64, 16, torch.float32, True, {}, id="causal-fewer-queries"),
+    pytest.param(1, 2, 2, 83, 50, 16, torch.float32, False, {}, id="full-more-queries"),
+    pytest.param(2, 4, 1, 40, 40, 16, torch.float32, True, {}, id="mqa"),
+    pytest.param(1, 4, 2, 50, 80, 16, torch.float32, True, dict(window=17), id="gqa-window"),
+    pytest.param(1, 2, 2, 83, 50, 16, torch.float32, False, dict(window=15), id="full-window"),
+    pytest.param(1, 2, 2, 45, 45, 32, torch.bfloat16, False, dict(softcap=2.0), id="softcap-bfloat16"),
+    pytest.param(2, 2, 2, 20, 37, 16, torch.float32, False, dict(dropout_p=0.3, dropout_seed=7), id="dropout"),
+    pytest.param(1, 2, 1, 40, 40, 80, torch.bfloat16, True, dict(window=9, softcap=3.0), id="padded-d80"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, causal, options", SINGLE_PASS_CASES)
+def test_single_pass_backward(device, batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, causal, options):
+    """deterministic=False against float64 with the same tolerance as the default backward, and
+    dK, dV bit for bit the two-pass ones: the single pass changes only how dQ is summed."""
+    q, k, v = make_qkv(batch, heads, q_len, kv_len, head_dim, kv_heads=kv_heads, dtype=dtype, device=device)
+    scale = 0.3 if head_dim == 16 else None  # not a power of two: dQ's scaling rounds
+    single = check_against_reference(q, k, v, causal=causal, scale=scale, deterministic=False, **options)
+    if device == "cpu":  # (the interpreter: the same instructions give the same bits; a GPU's compiler may reorder)
+        do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.dtype)
+        two_pass = attention_and_grads(kernels.attention, q, k, v, do, causal=causal, scale=scale, backend="triton",
+                                       **options)  # fmt: skip
+        assert torch.equal(single[2], two_pass[2]) and torch.equal(single[3], two_pass[3])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_pass_backward_of_packed_sequences(device):
+    """varlen_attention(deterministic=False): empty, single and ragged sequences, GQA, a window,
+    a softcap and dropout; dQ rows of a sequence without keys stay 0."""
+    packed = make_varlen([0, 1, 17, 33, 5, 4], [0, 1, 20, 0, 70, 9], 4, 16, kv_heads=2, device=device)
+    options = dict(window=12, softcap=4.0, dropout_p=0.2, dropout_seed=11)
+    _, dq, _, _ = check_varlen_against_reference(*packed, causal=False, deterministic=False, **options)
+    assert torch.equal(dq[18:51], torch.zeros_like(dq[18:51]))  # the 33 queries of the sequence with no keys
+
+
+def backward_launches(monkeypatch) -> list[str]:
+    """Records which backward kernels run: "dkdv" or "dkdv+dq_atomic" for the dK/dV pass, "dq" for the dQ one."""
+    launched = []
+    run_dkdv, run_dq = triton_attention._run_dkdv, triton_attention._run_dq
+
+    def dkdv(*args):
+        launched.append("dkdv+dq_atomic" if args[-1].meta["DQ_ATOMIC"] else "dkdv")
+        return run_dkdv(*args)
+
+    def dq(*args):
+        launched.append("dq")
+        return run_dq(*args)
+
+    monkeypatch.setattr(triton_attention, "_run_dkdv", dkdv)
+    monkeypatch.setattr(triton_attention, "_run_dq", dq)
+    return launched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_chooses_the_backward(device, monkeypatch):
+    """deterministic=True (the default) launches dK/dV then dQ; False launches the single pass
+    and no dQ kernel at all, eagerly, packed, and traced by torch.compile (the custom ops carry it)."""
+    launched = backward_launches(monkeypatch)
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 20, 20, 16, dtype=torch.float32, device=device))
+
+    def backward(fn, **options):
+        launched.clear()
+        fn(q, k, v, causal=True, backend="triton", **options).sum().backward()
+        return list(launched)
+
+    assert backward(kernels.attention) == backward(kernels.attention, deterministic=True) == ["dkdv", "dq"]
+    assert backward(kernels.attention, deterministic=False) == ["dkdv+dq_atomic"]
+    torch._dynamo.reset()
+    assert backward(torch.compile(kernels.attention, fullgraph=True), deterministic=False) == ["dkdv+dq_atomic"]
+    assert backward(torch.compile(kernels.attention, fullgraph=True), deterministic=True) == ["dkdv", "dq"]
+    q, k, v, *packing = make_varlen([3, 9], [5, 9], 2, 16, device=device)
+    packed = [t.requires_grad_() for t in (q, k, v)] + packing
+    launched.clear()
+    kernels.varlen_attention(*packed, backend="triton", deterministic=False).sum().backward()
+    assert launched == ["dkdv+dq_atomic"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_forced_dq_atomic_config_runs_the_single_pass(device, monkeypatch):
+    """A forced dK/dV config with dq_atomic (bench's triton-dq-atomic, the tuner's configs) takes the
+    single pass whatever deterministic says; other kernels refuse the field with one line."""
+    launched = backward_launches(monkeypatch)
+    q, k, v = make_qkv(1, 2, 50, 80, 16, kv_heads=1, dtype=torch.float32, device=device)
+    dkdv = blocks(32, 16)._replace(dq_atomic=True)
+    triton_fn = with_configs(blocks(16, 32), dkdv, blocks(32, 16), True, 0.2, window=20)
+    check_against_reference(q, k, v, causal=True, scale=0.2, window=20, triton_fn=triton_fn)
+    assert launched == ["dkdv+dq_atomic"]
+    forced = blocks(16, 32)._replace(dq_atomic=True)
+    message = "cannot launch fwd with (16, 32, 4, 2)+dq_atomic: LaunchConfig.dq_atomic=True is a dkdv variant"
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        with_configs(forced, dkdv, blocks(32, 16), True, 0.2)(q, k, v, torch.ones_like(q))
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_batch_times_heads_beyond_one_grid_axis(device, monkeypatch):
     """Batch x heads above CUDA's 65,535 programs per grid axis spread over axes 1 and 2 (the
@@ -392,6 +503,7 @@ def test_batch_times_heads_beyond_one_grid_axis(device, monkeypatch):
     q, k, v = make_qkv(2, 4, 40, 40, 16, kv_heads=2, dtype=torch.float32, device=device)
     check_against_reference(q, k, v, causal=True)
     check_against_reference(q, k, v, causal=False, window=7, dropout_p=0.2, dropout_seed=1)
+    check_against_reference(q, k, v, causal=True, deterministic=False)
     plan = triton_attention._plan_for(q, k, v, Options(True, 0.25))
     assert plan.forward.grid[1:] == (3, 3) and plan.forward.meta["SPLIT_GRID"]
     assert plan.backward[1].grid[1:] == (2, 2)  # dK/dV: one program per kv head
@@ -462,16 +574,17 @@ def test_unsupported_dtype_is_rejected():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", ["plain", "gqa-window-softcap-dropout", "varlen"])
+@pytest.mark.parametrize("variant", ["plain", "gqa-window-softcap-dropout-single-pass", "varlen"])
 def test_opcheck(device, variant):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch agree, for the
-    forward, the backward and the decode op (inference only: inputs that need no gradient)."""
+    forward, the backward (also the single pass: deterministic False) and the decode op
+    (inference only: inputs that need no gradient)."""
     if variant == "varlen":
         q, k, v, *packing = make_varlen([5, 0, 12], [9, 2, 12], 2, 16, kv_heads=1, device=device)
-        options = (True, 0.25, 4, None, 0.0, 0, *packing)
+        options = (True, 0.25, 4, None, 0.0, 0, True, *packing)
     else:
         q, k, v = make_qkv(1, 2, 17, 17, 16, kv_heads=2 if variant == "plain" else 1, device=device)
-        options = (True, 0.25) if variant == "plain" else (True, 0.25, 5, 2.5, 0.3, 2**32 - 1)
+        options = (True, 0.25) if variant == "plain" else (True, 0.25, 5, 2.5, 0.3, 2**32 - 1, False)
     inputs = [t.requires_grad_() for t in (q, k, v)]
     torch.library.opcheck(torch.ops.gpt_kernels.flash_attn_fwd, (*inputs, *options))
     out, lse = torch.ops.gpt_kernels.flash_attn_fwd(*inputs, *options)
@@ -479,7 +592,7 @@ def test_opcheck(device, variant):
     torch.library.opcheck(
         torch.ops.gpt_kernels.flash_attn_bwd, (torch.randn_like(out), *detached, out.detach(), lse, *options)
     )
-    decode_options = options[:4] + options[6:]  # no dropout: a training feature
+    decode_options = options[:4] + options[7:]  # no dropout (a training feature), no backward
     last = (detached[0][:, :, -3:], *detached[1:]) if variant != "varlen" else detached
     torch.library.opcheck(torch.ops.gpt_kernels.flash_attn_decode, (*last, *decode_options))
 
@@ -512,12 +625,18 @@ def test_torch_compile_traces_without_graph_breaks(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "kv_heads, options",
-    [(2, {}), (1, dict(window=9, softcap=3.0, dropout_p=0.25, dropout_seed=5))],
-    ids=["plain", "mqa-window-softcap-dropout"],
+    [
+        (2, {}),
+        (1, dict(window=9, softcap=3.0, dropout_p=0.25, dropout_seed=5)),
+        (1, dict(window=9, softcap=3.0, dropout_p=0.25, dropout_seed=5, deterministic=False)),
+    ],
+    ids=["plain", "mqa-window-softcap-dropout", "mqa-window-softcap-dropout-single-pass"],
 )
 def test_eager_and_compiled_paths_agree_exactly(device, kv_heads, options):
     """Eager calls take the autograd.Function, traced ones the custom ops: same launchers,
-    same configs, so the same bits in the output and all three gradients."""
+    same configs, so the same bits in the output and all three gradients. (The single pass's
+    atomic adds run in program order under the interpreter, so its dQ is repeatable there; on a
+    GPU its last bits may differ between any two runs.)"""
     torch._dynamo.reset()
     q, k, v = make_qkv(1, 2, 33, 40, 16, kv_heads=kv_heads, dtype=torch.float32, device=device)
     do = torch.randn(q.shape).to(device)
@@ -528,7 +647,10 @@ def test_eager_and_compiled_paths_agree_exactly(device, kv_heads, options):
     eager = attention_and_grads(attend, q, k, v, do)
     compiled = attention_and_grads(torch.compile(attend, fullgraph=True, backend="inductor"), q, k, v, do)
     for name, a, b in zip(("out", "dq", "dk", "dv"), eager, compiled):
-        assert torch.equal(a, b), f"{name} differs between the eager and the compiled path"
+        if name == "dq" and device == "cuda" and options.get("deterministic") is False:
+            torch.testing.assert_close(a, b)  # atomics on a GPU: the same sum, in some order
+        else:
+            assert torch.equal(a, b), f"{name} differs between the eager and the compiled path"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -857,7 +979,11 @@ def test_variants_a_kernel_does_not_have_are_refused():
     q, k, v = make_qkv(1, 1, 20, 20, 16)
     plan = triton_attention._plan_for(q, k, v, Options(True, 0.25))
     plain = triton_configs.INTERPRETER_CONFIGS["dkdv"]
-    with pytest.raises(ValueError, match=r"LaunchConfig.tma/persistent is not implemented by the 'dkdv' kernel"):
+    message = (
+        r"cannot launch dkdv with \(16, 32, 4, 1\)\+tma\+persistent: LaunchConfig.tma=True is a fwd variant; "
+        r"the dkdv kernel has none; LaunchConfig.persistent=True is a fwd variant; the dkdv kernel has none$"
+    )
+    with pytest.raises(ValueError, match=message):
         plan._launch("dkdv", plain._replace(tma=True, persistent=True))
     with pytest.raises(ValueError, match=r"LaunchConfig.warp_specialize is not available: Triton's warp-spec"):
         plan._launch("fwd", triton_configs.INTERPRETER_CONFIGS["fwd"]._replace(warp_specialize=True))

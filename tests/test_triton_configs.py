@@ -47,6 +47,33 @@ def test_table_rows_are_well_formed():
             assert kernel in triton_configs.KERNELS and dtype_class in triton_configs.ELEMENT_SIZE
             assert causal in (True, False, ANY) and length in (*LENGTHS, ANY)
             assert all(isinstance(cfg, LaunchConfig) for cfg in row.values())
+            assert all(cfg.variants == () for cfg in row.values())  # every default launches today's kernels
+
+
+def test_variant_fields_default_off_and_are_refused_where_not_implemented():
+    """LaunchConfig(a, b, c, d) is today's kernel; dq_atomic is the dK/dV kernel's alone."""
+    plain = LaunchConfig(32, 64, 8, 2)
+    assert plain.dq_atomic is False and plain.variants == () and plain.label() == "(32, 64, 8, 2)"
+    single = plain._replace(dq_atomic=True)
+    assert single.variants == ("dq_atomic",) and single.label() == "(32, 64, 8, 2)+dq_atomic"
+    assert triton_configs.problems("dkdv", single, 128, "16-bit", "sm90") == []
+    for kernel in ("fwd", "dq", "decode"):
+        found = triton_configs.problems(kernel, single, 128, "16-bit", "sm90")
+        assert found == [f"LaunchConfig.dq_atomic=True is a dkdv variant; the {kernel} kernel has none"]
+
+
+def test_the_single_pass_takes_each_dkdv_config_with_dq_atomic_unless_it_spills():
+    """triton_configs.single_pass: the dK/dV config with dq_atomic on, except the configs whose
+    single pass spilled on sm_90 (SINGLE_PASS), which are table rows and get a fitting config."""
+    row = triton_configs.table_config("sm90", "dkdv", "16-bit", True, "long", 128)
+    assert row not in triton_configs.SINGLE_PASS
+    assert triton_configs.single_pass(row) == row._replace(dq_atomic=True)
+    dkdv_rows = {
+        cfg for rows in TABLE.values() for key, by_d in rows.items() if key[0] == "dkdv" for cfg in by_d.values()
+    }
+    for two_pass, config in triton_configs.SINGLE_PASS.items():
+        assert two_pass in dkdv_rows and config.dq_atomic and config.variants == ("dq_atomic",)
+        assert triton_configs.single_pass(two_pass) == config
 
 
 def test_the_most_specific_row_wins():
@@ -143,6 +170,17 @@ def test_tuned_winner_persists_between_processes(tmp_path, monkeypatch):
     assert len(timed) == 3  # read from disk, not tuned again
     assert json.loads(path.read_text()) == {"sm90/fwd/bfloat16/d64/causal/short": [64, 64, 4, 3]}
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_tuned_configs_store_variant_fields_by_name(tmp_path):
+    """A winner's variant fields are written by name, so a file reads back the same configs
+    whatever order LaunchConfig declares its fields in."""
+    path = tmp_path / "tuned.json"
+    single = LaunchConfig(32, 64, 8, 2, dq_atomic=True)
+    TunedConfigs(path).winner("a", [single], run=None)
+    TunedConfigs(path).winner("b", [LaunchConfig(16, 16, 4, 1)], run=None)
+    assert json.loads(path.read_text()) == {"a": [32, 64, 8, 2, "dq_atomic"], "b": [16, 16, 4, 1]}
+    assert TunedConfigs(path).winner("a", [LaunchConfig(16, 16, 4, 1)], run=None) == single
 
 
 def test_tuned_configs_merge_what_other_processes_wrote(tmp_path):
@@ -374,6 +412,41 @@ def test_compile_check_finds_wgmma_and_async_copies_on_sm90():
     assert found["wgmma"] > 0 and found["cp.async"] > 0 and found["tma"] == 0
 
 
+def test_compile_check_finds_the_single_pass_backwards_atomic_adds_on_sm90():
+    """The dK/dV row of head dim 64 compiled for an H100 with dq_atomic, as --hopper-variants
+    does: wgmma (its 128-key tiles), asynchronous copies (3 stages), float32 atomic adds into dQ,
+    no spill, and compile_check's NEEDS satisfied. The same row's two-pass program has no atomic
+    add, and checked as the variant it fails: a variant that lost its atomics is caught."""
+    code = (
+        "import json, torch\n"
+        "from kernels import compile_check as cc, triton_configs as tc\n"
+        "table = tc.table_config('sm90', 'dkdv', '16-bit', True, 'short', 64)\n"
+        "out = {}\n"
+        "for name, cfg in (('single', tc.with_variant('dq_atomic', table)), ('two-pass', table)):\n"
+        "    row = cc.Row('sm90', 'dkdv', '16-bit', tc.ANY, tc.ANY, 64, cfg, table_cfg=table)\n"
+        "    x = cc.inputs(cc.Call('fused QKV', True, 'short'), torch.bfloat16, 64)\n"
+        "    launches = cc.record_launches('sm90', lambda: cc._run_backward(x, cfg))\n"
+        "    launch, = [l for l in launches if l.kernel.endswith('._attn_bwd_dkdv')]\n"
+        "    result = cc.compile_launch('sm90', launch)\n"
+        "    out[name] = dict(result, kernels=[l.kernel.rpartition('.')[2] for l in launches],\n"
+        "                     label=row.label(), calls=len(row.calls()))\n"
+        "    variant = cc.Row('sm90', 'dkdv', '16-bit', tc.ANY, tc.ANY, 64, tc.with_variant('dq_atomic', table))\n"
+        "    out[name]['problems'] = cc.problems(variant, result)\n"
+        "print(json.dumps(out))\n"
+    )
+    result = run_compiled_mode(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    single, two_pass = found["single"], found["two-pass"]
+    assert single["label"].endswith("+dq_atomic") and single["calls"] == two_pass["calls"] > 0
+    assert "_attn_bwd_dq" not in single["kernels"] and "_attn_bwd_dq" in two_pass["kernels"]
+    assert single["wgmma"] > 0 and single["cp.async"] > 0 and single["atomic"] > 0 and single["spill"] == 0
+    assert 0 < single["smem"] <= triton_configs.SHARED_MEMORY["sm90"]
+    assert single["problems"] == []
+    assert two_pass["atomic"] == 0
+    assert two_pass["problems"] == ["no atomic: dq_atomic adds dQ into float32 memory with atomic reductions"]
+
+
 def test_compile_check_fails_rows_that_spill_or_do_not_fit():
     """Exit code 1 and one line per failing row: a forward that spills (4 warps at head dim
     128 with 128x64 tiles) and a decode row whose 6-stage pipeline of 128-key blocks needs
@@ -419,9 +492,9 @@ def test_compile_check_compiles_the_forward_variants_and_fails_one_that_lost_tma
     columns = compile_check_columns(first)
     assert set(columns) == {
         "(64, 32, 4, 2)",
-        "(64, 32, 4, 2) tma",
-        "(64, 32, 4, 2) persistent",
-        "(64, 32, 4, 2) tma+persistent",
+        "(64, 32, 4, 2)+tma",
+        "(64, 32, 4, 2)+persistent",
+        "(64, 32, 4, 2)+tma+persistent",
     }, first
     for label, found in columns.items():
         assert found["wgmma"] > 0 and found["spill"] == 0 and found["result"] == "ok", (label, found)
@@ -432,8 +505,8 @@ def test_compile_check_compiles_the_forward_variants_and_fails_one_that_lost_tma
     assert "warp_specialize: not compiled, refused by the launch code" in first
     failed = second.split("row(s) failed:")[-1].strip().splitlines()[:-1]
     assert sorted(line.split(": ")[0] for line in failed) == [
-        "sm90 fwd 16-bit True short 32 (64, 32, 4, 2) tma",
-        "sm90 fwd 16-bit True short 32 (64, 32, 4, 2) tma+persistent",
+        "sm90 fwd 16-bit True short 32 (64, 32, 4, 2)+tma",
+        "sm90 fwd 16-bit True short 32 (64, 32, 4, 2)+tma+persistent",
     ], second
     assert all("no tma: tma=True loads through tensor descriptors" in line for line in failed)
 
@@ -470,7 +543,7 @@ def test_variant_fields_default_off_and_round_trip_through_the_tuning_file(tmp_p
     plain = LaunchConfig(128, 64, 4, 3)
     assert plain.variants == () and plain.label() == "(128, 64, 4, 3)"
     variant = plain._replace(tma=True, persistent=True)
-    assert variant.variants == ("tma", "persistent") and variant.label() == "(128, 64, 4, 3) tma+persistent"
+    assert variant.variants == ("tma", "persistent") and variant.label() == "(128, 64, 4, 3)+tma+persistent"
     path = tmp_path / "gpu.json"
     TunedConfigs(path).winner("plain", [plain], run=None)
     TunedConfigs(path).winner("variant", [variant], run=None)
