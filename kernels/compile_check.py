@@ -44,7 +44,10 @@ What it checks, for every row and every program its calls compile to:
     (red/atom.global...add.f32) where dq_atomic adds dQ with them.
 It exits 1 with one line per failing row when a row spills more than SPILL_LIMIT, needs
 more shared memory than its architecture has (SHARED_MEMORY), lacks an instruction NEEDS
-asks for, or does not compile.
+asks for, or does not compile. Variants (--variants' calls, --hopper-variants' rows) are held
+to all of it but the spill limit: they are what a GPU run times against the table, not what
+the table runs, so their spills are printed for that run to weigh ("ok (a variant: spills
+reported, not failed)").
 
 A new kernel adds a KERNELS line (which launch code runs it); a new variant of one adds a
 NEEDS line (what its code must contain). Arguments and constexprs the kernels gain need
@@ -509,13 +512,14 @@ def record_row(row: Row, variants: bool = False) -> Row:
     return row
 
 
-def problems(row: Row, result: dict) -> list[str]:
-    """What is wrong with one compiled program of `row`; empty if nothing."""
+def problems(row: Row, result: dict, variant: bool = False) -> list[str]:
+    """What is wrong with one compiled program of `row`; empty if nothing. A `variant` program
+    (is_variant) is held to everything but the spill limit."""
     if "error" in result:
         return [f"does not compile: {result['error']}"]
     found = []
     limit, smem_limit = SPILL_LIMIT[row.dtype_class], SHARED_MEMORY[row.arch]
-    if result["spill"] > limit:
+    if result["spill"] > limit and not variant:
         found.append(f"spills {result['spill']} bytes per thread (limit {limit})")
     if result["smem"] > smem_limit:
         found.append(f"needs {result['smem'] / 1024:.1f} KiB shared memory, {row.arch} has {smem_limit // 1024} KiB")
@@ -553,14 +557,25 @@ HEADER = (
 )
 
 
+def is_variant(row: Row, calls: list[Call]) -> bool:
+    """Whether a program is a variant's: a --hopper-variants row, or calls with --variants' features.
+
+    A variant is what a GPU run times against the table's rows, not what the table runs: its
+    spills are printed for that run to weigh, and are no failure here. Everything else (it
+    compiles, fits, and has the instructions NEEDS asks for) holds for it as for the table's rows.
+    """
+    return row.cfg != row.table_cfg or all(call.features for call in calls)
+
+
 def line(row: Row, calls: list[Call], result: dict, found: list[str]) -> str:
     start = f"{row.label()} {describe(calls, row):20}"
     if "error" in result:
         return f"{start} {'FAILED: ' + found[0]}"
+    spilling_variant = is_variant(row, calls) and result["spill"] > SPILL_LIMIT[row.dtype_class]
     return (
         f"{start} {result['regs']:>4} {result['spill']:>5} {result['smem'] / 1024:>8.1f} {result['wgmma']:>5} "
         f"{result['mma']:>4} {result['cp.async']:>8} {result['tma']:>4} {result['atomic']:>6}  "
-        f"{'; '.join(found) or 'ok'}"
+        f"{'; '.join(found) or ('ok (a variant: spills reported, not failed)' if spilling_variant else 'ok')}"
     )
 
 
@@ -581,7 +596,7 @@ def check(rows: list[Row], jobs: int, out=sys.stdout) -> list[str]:
         concerns: dict[str, list[Call]] = {}  # each problem: the calls whose programs have it
         for launch, calls in row.programs.items():
             result = results[row.arch, launch]
-            found = problems(row, result)
+            found = problems(row, result, is_variant(row, calls))
             print(line(row, calls, result, found), file=out, flush=True)
             for problem in found:
                 concerns.setdefault(problem, []).extend(calls)

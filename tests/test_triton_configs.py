@@ -470,6 +470,35 @@ def test_compile_check_fails_rows_that_spill_or_do_not_fit():
     assert "KiB shared memory, sm90 has 227 KiB" in failed[1]
 
 
+def test_compile_check_reports_a_variants_spills_without_failing_it():
+    """The spill limit is the table's: a table row's program that spills fails; the same numbers
+    for a variant (a --hopper-variants row, or --variants' calls with every feature on) are
+    printed, not failed; and a variant that lost the instruction it exists for still fails."""
+    code = (
+        "import json\n"
+        "from kernels import compile_check as cc, triton_configs as tc\n"
+        "table = tc.LaunchConfig(128, 64, 4, 3)\n"
+        "row = cc.Row('sm90', 'fwd', '16-bit', True, tc.ANY, 64, table)\n"
+        "tma = cc.Row('sm90', 'fwd', '16-bit', True, tc.ANY, 64, table._replace(tma=True), table_cfg=table)\n"
+        "result = {'regs': 255, 'spill': 12, 'smem': 65536, 'wgmma': 32, 'mma': 0, 'cp.async': 48, 'tma': 0,\n"
+        "          'atomic': 0}\n"
+        "plain = [cc.Call('fused QKV', True, 'short')]\n"
+        "featured = [cc.Call('fused QKV', True, 'short', features=cc.VARIANT)]\n"
+        "print(json.dumps(dict(\n"
+        "    table=cc.problems(row, result, cc.is_variant(row, plain)),\n"
+        "    features=cc.problems(row, result, cc.is_variant(row, featured)),\n"
+        "    tma=cc.problems(tma, result, cc.is_variant(tma, plain)),\n"
+        "    line=cc.line(row, featured, result, []))))\n"
+    )
+    result = run_compiled_mode(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["table"] == ["spills 12 bytes per thread (limit 0)"]
+    assert found["features"] == []
+    assert found["tma"] == ["no tma: tma=True loads through tensor descriptors (TMA: cp.async.bulk.tensor)"]
+    assert found["line"].endswith("  ok (a variant: spills reported, not failed)")
+
+
 # The forward's variants, compiled for sm_90: a one-row table (head dim 32, causal, "short"), with
 # --hopper-variants. Then again with the launch code's descriptor rule broken so that every input
 # takes the pointer path: the TMA rows lose cp.async.bulk.tensor, and the check must fail on them.
