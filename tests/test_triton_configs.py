@@ -547,8 +547,8 @@ def compile_check_columns(output: str) -> dict[str, dict]:
         if not line.startswith("sm90 "):
             continue
         label = line[line.index("(") : line.index("all ")].strip()
-        *numbers, result = line[line.index("all ") + 4 :].split(None, 7)
-        names = ("regs", "spill", "smem", "wgmma", "mma", "cp.async", "tma")
+        names = ("regs", "spill", "smem", "wgmma", "mma", "cp.async", "tma", "atomic")  # compile_check.HEADER's
+        *numbers, result = line[line.index("all ") + 4 :].split(None, len(names))
         found[label] = {**{n: float(x) for n, x in zip(names, numbers)}, "result": result.strip()}
     return found
 
