@@ -105,7 +105,7 @@ def _select_backend(backend: str, device: torch.device, needs: set[str]) -> str:
 
 def _options(q, k, scale, window, softcap, dropout_p, dropout_seed, deterministic) -> tuple[dict, set[str]]:
     """The validated options as keyword arguments (only those in use) and the features the call needs.
-    (deterministic is checked here and passed on by _implementation: only the triton backend takes it.)"""
+    (deterministic is checked here and passed on by _for_backend: only the triton backend takes it.)"""
     check_options(
         scale=scale,
         window=window,
